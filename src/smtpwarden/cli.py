@@ -1,0 +1,247 @@
+"""The smtpwarden command line: parse arguments, build a Config, run it.
+
+This is the only module that prints a `ConfigError` and picks the exit
+code: 0 success, 2 bad configuration or usage, 1 runtime failure. The
+network modules are imported only when a command needs them, so
+`check-config` and `--help` work without loading them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from smtpwarden import __version__
+from smtpwarden.config import (
+    CLI_SOURCE,
+    DEFAULT_SINK_FOLDER,
+    EVENT_LOOPS,
+    Config,
+    ConfigError,
+    EventLoop,
+    default_config,
+    load_config,
+    parse_hostport,
+    simple_config,
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2  # argparse's own code for usage errors; bad configuration shares it
+
+DEFAULT_SINK_LISTEN = "127.0.0.1:2526"  # one above the relay's default 2525
+
+_MAIN_DESCRIPTION = """\
+smtpwarden is an SMTP relay proxy. It sits between SMTP clients and an
+upstream MTA, relays every session, parses every reply and writes one JSON
+record per transaction."""
+
+_MAIN_EPILOG = """\
+examples:
+  smtpwarden run                            relay 127.0.0.1:2525 into ./mail
+  smtpwarden run --config smtpwarden.yaml   run from a configuration file
+  smtpwarden check-config smtpwarden.yaml   validate a configuration file
+  smtpwarden sink --dir ./captured          a test upstream that stores mail
+
+Run "smtpwarden COMMAND --help" for the options of each command."""
+
+_RUN_DESCRIPTION = """\
+Run the relay. With no option it uses the built-in default: a listener on
+127.0.0.1:2525 in front of a sink upstream that writes each message to
+./mail. --config reads a YAML file; --listen and --upstream (always given
+together) relay one address to one upstream with every other setting at its
+default. SIGTERM stops gracefully, SIGINT faster."""
+
+_RUN_EPILOG = """\
+examples:
+  smtpwarden run
+  smtpwarden run --config configs/smtpwarden.yaml
+  smtpwarden run --listen 0.0.0.0:25 --upstream mta.example.com:25
+  smtpwarden run --listen [::1]:2525 --upstream sink:./mail --event-loop asyncio"""
+
+_CHECK_DESCRIPTION = """\
+Load and validate a configuration file without starting anything. Every
+problem is listed with its key path; the exit code is 0 when the file is
+valid and 2 when it is not."""
+
+_CHECK_EPILOG = """\
+examples:
+  smtpwarden check-config smtpwarden.yaml
+  smtpwarden check-config configs/quickstart.yaml && smtpwarden run -c configs/quickstart.yaml"""
+
+_SINK_DESCRIPTION = f"""\
+Run a minimal SMTP server that accepts every message and writes it to a
+folder, one file per message. Use it as a test upstream, or to capture what
+an application sends. It listens on {DEFAULT_SINK_LISTEN} by default."""
+
+_SINK_EPILOG = """\
+examples:
+  smtpwarden sink
+  smtpwarden sink --listen 127.0.0.1:2526 --dir ./captured
+
+  then, to relay through smtpwarden into it:
+  smtpwarden run --listen 127.0.0.1:2525 --upstream 127.0.0.1:2526"""
+
+
+class _UsageError(Exception):
+    """A command-line usage error, raised instead of letting argparse exit."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors reach `main` instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
+def _add_event_loop(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        help=f"event loop; auto picks uvloop when installed, else asyncio (default: {default})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser for every smtpwarden command."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="smtpwarden",
+        description=_MAIN_DESCRIPTION,
+        epilog=_MAIN_EPILOG,
+        formatter_class=formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="run the relay",
+        description=_RUN_DESCRIPTION,
+        epilog=_RUN_EPILOG,
+        formatter_class=formatter,
+    )
+    run.add_argument("-c", "--config", metavar="FILE", help="YAML configuration file")
+    run.add_argument(
+        "--listen", metavar="HOST:PORT", help="address to accept clients on (IPv6 as [::1]:25)"
+    )
+    run.add_argument(
+        "--upstream",
+        metavar="HOST:PORT|sink:FOLDER",
+        help="upstream MTA to relay to, or sink:FOLDER to write each message to FOLDER",
+    )
+    _add_event_loop(run, "the configuration's, else auto")
+    run.set_defaults(handler=_run, command_parser=run)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration file",
+        description=_CHECK_DESCRIPTION,
+        epilog=_CHECK_EPILOG,
+        formatter_class=formatter,
+    )
+    check.add_argument("file", metavar="FILE", help="YAML configuration file")
+    check.set_defaults(handler=_check_config, command_parser=check)
+
+    sink = commands.add_parser(
+        "sink",
+        help="run a test SMTP server that writes each message to a folder",
+        description=_SINK_DESCRIPTION,
+        epilog=_SINK_EPILOG,
+        formatter_class=formatter,
+    )
+    sink.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=DEFAULT_SINK_LISTEN,
+        help=f"address to accept clients on (default: {DEFAULT_SINK_LISTEN})",
+    )
+    sink.add_argument(
+        "--dir",
+        metavar="FOLDER",
+        default=DEFAULT_SINK_FOLDER,
+        help=f"folder where messages are written (default: {DEFAULT_SINK_FOLDER})",
+    )
+    _add_event_loop(sink, "auto")
+    sink.set_defaults(handler=_sink, command_parser=sink)
+    return parser
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.config is not None and (args.listen is not None or args.upstream is not None):
+        parser.error("--config cannot be combined with --listen or --upstream")
+    if (args.listen is None) != (args.upstream is None):
+        parser.error("--listen and --upstream must be given together")
+    config: Config
+    if args.config is not None:
+        config = load_config(args.config)
+    elif args.listen is not None:
+        config = simple_config(listen=args.listen, upstream=args.upstream)
+    else:
+        config = default_config()
+    if args.event_loop is not None:
+        config = dataclasses.replace(config, event_loop=args.event_loop)
+
+    # Imported here so that --help and check-config never load the network code.
+    from smtpwarden.net.server import run_relay
+
+    return run_relay(config)
+
+
+def _check_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    listeners = _plural(len(config.listeners), "listener")
+    upstreams = _plural(len(config.upstreams), "upstream")
+    print(f"{args.file}: ok ({listeners}, {upstreams})")
+    return EXIT_OK
+
+
+def _sink(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    host, port = parse_hostport(args.listen, what="--listen", allow_zero=True)
+    if not args.dir:
+        raise ConfigError(CLI_SOURCE, ['--dir: expected a folder path, got ""'])
+    event_loop: EventLoop = args.event_loop if args.event_loop is not None else "auto"
+
+    from smtpwarden.net.sink import run_sink
+
+    return run_sink(host=host, port=port, folder=args.dir, event_loop=event_loop)
+
+
+_Handler = Callable[[argparse.ArgumentParser, argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the smtpwarden command line and return the process exit code.
+
+    --help and --version print and raise SystemExit(0), as argparse does.
+    Usage errors and ConfigError are printed to stderr and return 2; an
+    OSError from a running command (for example a port already in use)
+    returns 1.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        handler: _Handler = args.handler
+        return handler(args.command_parser, args)
+    except _UsageError as err:
+        err.parser.print_usage(sys.stderr)
+        print(f"{err.parser.prog}: error: {err.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        print(f"smtpwarden: {err}", file=sys.stderr)
+        return EXIT_FAILURE

@@ -1,0 +1,203 @@
+"""The relay process: listeners, the session registry, deadlines, shutdown.
+
+``Relay`` opens every listener, starts the embedded sink for upstreams of
+kind "sink", and runs one periodic tick that checks every session's deadline
+and flushes the transaction log; sessions own no timers of their own, which
+keeps an idle session small and spares the hot path any timer churn.
+
+Shutdown (SIGTERM, SIGINT faster): stop accepting, close sessions that sit
+between transactions with 421, let the others finish their transaction up
+to the grace deadline, then close what is left with 421. A second signal
+skips the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import time
+
+from smtpwarden.config import Config, UpstreamConfig
+from smtpwarden.net.loop import loop_factory
+from smtpwarden.net.session import ListenerContext, Session, Target
+from smtpwarden.net.sink import start_sink
+from smtpwarden.observe.txlog import RecordLog
+from smtpwarden.protocol.extensions import ExtensionPolicy
+
+log = logging.getLogger("smtpwarden")
+
+# The tick checks deadlines; RFC 5321 timeouts are minutes, so a check every
+# second is ample. Shorter configured timeouts (tests) shorten the tick.
+MAX_TICK_S = 1.0
+MIN_TICK_S = 0.02
+
+
+class Relay:
+    """Everything one relay process runs."""
+
+    def __init__(self, config: Config, *, records: RecordLog | None = None) -> None:
+        self.config = config
+        self.records = records or RecordLog(config.log.transactions, sessions=config.log.sessions)
+        self.sessions: set[Session] = set()
+        self.servers: dict[str, asyncio.Server] = {}
+        self.sinks: dict[str, asyncio.Server] = {}
+        self._contexts: list[ListenerContext] = []
+        self._tick: asyncio.Task[None] | None = None
+        self.stopped = asyncio.Event()
+        self._drained = asyncio.Event()
+
+    def address(self, listener: str) -> tuple[str, int]:
+        """The address a listener is bound to (useful with port 0)."""
+        sockname = self.servers[listener].sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def start(self) -> None:
+        """Start sinks and listeners; raises OSError if a port cannot be bound."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+        targets: dict[str, Target] = {}
+        for upstream in config.upstreams:
+            targets[upstream.name] = await self._target(upstream)
+        prefix = secrets.token_hex(3)
+        counter = [0]
+        policy = ExtensionPolicy(chunking=True)
+        for listener in config.listeners:
+            ctx = ListenerContext(
+                name=listener.name,
+                target=targets[listener.upstream],
+                config=config,
+                records=self.records,
+                sessions=self.sessions,
+                policy=policy,
+                epoch_offset=time.time() - time.monotonic(),
+                next_id=counter,
+                id_prefix=prefix,
+                on_end=self._session_ended,
+            )
+            self._contexts.append(ctx)
+            self.servers[listener.name] = await loop.create_server(
+                lambda ctx=ctx: Session(ctx),  # type: ignore[misc]
+                listener.host,
+                listener.port,
+                reuse_address=True,
+            )
+            host, port = self.address(listener.name)
+            target = ctx.target
+            log.info(
+                "listener %s on %s:%s relays to %s (%s:%s)",
+                listener.name,
+                host,
+                port,
+                target.name,
+                target.host,
+                target.port,
+            )
+        self._tick = loop.create_task(self._run_tick())
+
+    async def _target(self, upstream: UpstreamConfig) -> Target:
+        if upstream.kind == "sink":
+            folder = upstream.path or "mail"
+            server = await start_sink("127.0.0.1", 0, folder, self.config.hostname)
+            self.sinks[upstream.name] = server
+            port = server.sockets[0].getsockname()[1]
+            log.info(
+                "upstream %s is the embedded sink on 127.0.0.1:%s writing to %s",
+                upstream.name,
+                port,
+                folder,
+            )
+            return Target(name=upstream.name, host="127.0.0.1", port=port)
+        return Target(name=upstream.name, host=upstream.host, port=upstream.port)
+
+    async def _run_tick(self) -> None:
+        timeouts = self.config.timeouts
+        shortest = min(
+            timeouts.banner,
+            timeouts.command,
+            timeouts.mail,
+            timeouts.rcpt,
+            timeouts.data_init,
+            timeouts.data_block,
+            timeouts.data_end,
+            timeouts.reply,
+        )
+        tick = min(MAX_TICK_S, max(MIN_TICK_S, shortest / 4))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                session.check_deadline(now)
+            self.records.flush()
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, drain sessions for up to ``grace`` seconds, close."""
+        for ctx in self._contexts:
+            ctx.draining = True
+        for server in self.servers.values():
+            server.close()
+        for session in list(self.sessions):
+            session.drain()
+        if self._open_sessions():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._drained.wait()
+        for session in list(self.sessions):
+            session.force_close()
+        if self._tick is not None:
+            self._tick.cancel()
+        for sink in self.sinks.values():
+            sink.close()
+        self.records.flush()
+        self.stopped.set()
+
+    def _open_sessions(self) -> bool:
+        return any(not session.closed for session in self.sessions)
+
+    def _session_ended(self) -> None:
+        if self._contexts and self._contexts[0].draining and not self._open_sessions():
+            self._drained.set()
+
+    def close_log(self) -> None:
+        """Flush and close the transaction log."""
+        self.records.close()
+
+
+def run_relay(config: Config) -> int:
+    """Run the relay until a signal stops it; return the exit code."""
+    logging.basicConfig(
+        level=config.log.level.upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    factory, loop_name = loop_factory(config.event_loop)
+
+    async def main() -> int:
+        relay = Relay(config)
+        try:
+            await relay.start()
+        except OSError as error:
+            log.error("cannot start: %s", error)
+            return 1
+        log.info("smtpwarden running on %s", loop_name)
+        loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Task[None]] = []
+
+        def on_signal(grace: float) -> None:
+            if stopping:
+                # A second signal: no more grace.
+                for session in list(relay.sessions):
+                    session.force_close()
+                return
+            log.info("shutting down, %.1f s grace", grace)
+            stopping.append(loop.create_task(relay.stop(grace)))
+
+        loop.add_signal_handler(signal.SIGTERM, on_signal, config.shutdown.grace)
+        loop.add_signal_handler(signal.SIGINT, on_signal, config.shutdown.fast)
+        await relay.stopped.wait()
+        relay.close_log()
+        return 0
+
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())

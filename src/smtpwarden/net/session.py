@@ -1,0 +1,575 @@
+"""One relayed session: a client connection and its upstream connection.
+
+The session feeds the client's bytes to ``ServerConnection`` and the
+upstream's to ``ReplyReader``, forwards what they yield, and lets
+``SessionTracker`` pair commands with replies and write the records. It adds
+only what needs I/O: connecting, writing, flow control, deadlines, closing.
+
+Rules kept here:
+- Command lines and message bytes go upstream exactly as the client sent
+  them; body chunks are written as received, never joined or copied.
+- A client that goes away before its message is complete leaves the upstream
+  with an incomplete DATA or BDAT: the upstream connection is aborted, so no
+  end of data can follow (PRODUCT.md, invariant 6 keeps the listener up).
+- smtpwarden never answers 2xx to the end of a message itself: every such
+  reply is the upstream's (invariant 1).
+- Reading from one side pauses while the other side's write buffer is above
+  its high-water mark, while DATA awaits the upstream's verdict, and while
+  too many pipelined commands await replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+from smtpwarden.config import Config, TimeoutsConfig
+from smtpwarden.observe.txlog import RecordLog
+from smtpwarden.protocol.errors import MalformedReply, RemoteProtocolError
+from smtpwarden.protocol.events import PAUSED, BadCommand, Bdat, Body, Command, Signal, Verb
+from smtpwarden.protocol.extensions import ExtensionPolicy, reconcile
+from smtpwarden.protocol.records import Peer, SessionInfo, Tls, Upstream
+from smtpwarden.protocol.replies import Reply, ReplyReader, make_reply
+from smtpwarden.protocol.server import ServerConnection
+from smtpwarden.protocol.state import ServerState
+from smtpwarden.protocol.tracker import Awaiting, SessionTracker
+
+log = logging.getLogger("smtpwarden.session")
+
+# One monotonic clock for latencies and deadlines, with microsecond
+# resolution (uvloop's loop.time() counts whole milliseconds).
+_now = time.monotonic
+
+# Write buffer high-water mark per side: past it, reading from the other side
+# pauses. 64 KiB is asyncio's own default and keeps a session's memory small.
+WRITE_HIGH_WATER_BYTES = 64 * 1024
+# After a closing reply, how long to keep reading (and dropping) what the
+# client still sends, so that our reply is read rather than lost to a reset.
+LINGER_S = 2.0
+
+# Why reading from the client is paused; reading resumes when none is left.
+_FLOW = 1  # the upstream's write buffer is full
+_VERDICT = 2  # DATA awaits the upstream's 354 or refusal
+_QUEUE = 4  # too many commands await replies
+_CONNECT = 8  # the upstream is not ready yet
+
+_NOT_RELAYED = frozenset({Verb.XCLIENT, Verb.XFORWARD, Verb.STARTTLS, Verb.AUTH})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """Where a listener relays to."""
+
+    name: str
+    host: str
+    port: int
+
+
+@dataclass(slots=True, kw_only=True)
+class ListenerContext:
+    """What every session of one listener shares."""
+
+    name: str
+    target: Target
+    config: Config
+    records: RecordLog
+    sessions: set[Session]
+    policy: ExtensionPolicy
+    epoch_offset: float
+    next_id: list[int]
+    id_prefix: str
+    on_end: Callable[[], None]
+    draining: bool = False
+
+
+def _timeout_for(entry: Awaiting, timeouts: TimeoutsConfig) -> float:
+    # RFC 5321 4.5.3.2: each reply has its own deadline.
+    match entry.name:
+        case "CONNECT":
+            return timeouts.banner
+        case "MAIL":
+            return timeouts.mail
+        case "RCPT":
+            return timeouts.rcpt
+        case "DATA":
+            return timeouts.data_init
+        case "." | "BDAT LAST":
+            return timeouts.data_end
+        case "BDAT":
+            return timeouts.data_block
+        case _:
+            return timeouts.reply
+
+
+class _UpstreamProtocol(asyncio.Protocol):
+    """Hands the upstream connection's callbacks to its session."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def data_received(self, data: bytes) -> None:
+        self.session.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.upstream_lost()
+
+    def pause_writing(self) -> None:
+        self.session.pause_client(_FLOW)
+
+    def resume_writing(self) -> None:
+        self.session.resume_client(_FLOW)
+
+
+class Session(asyncio.Protocol):
+    """One client connection relayed to one upstream connection."""
+
+    client: asyncio.Transport
+    tracker: SessionTracker
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.loop = asyncio.get_running_loop()
+        limits = ctx.config.limits
+        self.core = ServerConnection(max_line_bytes=limits.max_command_line_bytes)
+        self.reader = ReplyReader(
+            max_line_bytes=limits.max_reply_line_bytes, max_lines=limits.max_reply_lines
+        )
+        self.upstream: asyncio.Transport | None = None
+        self._closed = False
+        self._to_client: list[bytes] = []
+        self._paused = 0
+        self._chunking = False
+        self._in_body = False
+        self._chunk_last = False
+        self._body_kind = ""
+        self._client_eof = False
+        self._chunk_dropped = False
+        self._quitting = False
+        self._lingering = False
+        self._last_client = _now()
+        self._client_bytes = 0
+        self._upstream_bytes = 0
+        self._connector: asyncio.Task[None] | None = None
+
+    # -- the client's connection ---------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the session has ended (records written, sockets closing)."""
+        return self._closed
+
+    def _has_ended(self) -> bool:
+        # A call, not the property: handlers may end the session mid-loop.
+        return self._closed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop transports implement the interface without subclassing it.
+        self.client = cast(asyncio.Transport, transport)
+        self.client.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        ctx = self.ctx
+        now = _now()
+        ctx.next_id[0] += 1
+        host, port = transport.get_extra_info("peername")[:2]
+        target = ctx.target
+        info = SessionInfo(
+            session_id=f"{ctx.id_prefix}{ctx.next_id[0]:07x}",
+            listener=ctx.name,
+            client=Peer(address=host, port=port),
+            upstream=Upstream(name=target.name, address=target.host, port=target.port),
+            tls=Tls(),
+        )
+        self.tracker = SessionTracker(info=info, now=now, epoch_offset=ctx.epoch_offset)
+        ctx.sessions.add(self)
+        if len(ctx.sessions) > ctx.config.limits.max_connections:
+            # RFC 5321 3.8 allows 421 at connection time; RFC 3463 X.7.0.
+            self._end(
+                make_reply(421, "4.7.0", self._text("Too many connections, try again later")),
+                "connection_limit",
+            )
+            return
+        if ctx.draining:
+            self._end(make_reply(421, "4.3.2", self._text("Service shutting down")), "shutdown")
+            return
+        self.pause_client(_CONNECT)
+        self._connector = self.loop.create_task(self._connect())
+
+    def data_received(self, data: bytes) -> None:
+        self._client_bytes += len(data)
+        self._last_client = _now()
+        if self._lingering or self.closed:
+            return
+        self.core.receive_data(data)
+        self._pump_client()
+        self._flush()
+
+    def eof_received(self) -> bool:
+        # A client may half-close after its last pipelined command and still
+        # read the replies: keep writing until they have all been relayed.
+        if self.closed:
+            return False
+        self._client_eof = True
+        if self.tracker.awaiting and not self._in_body and self.upstream is not None:
+            return True
+        self._client_gone("client_closed")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self._client_gone("client_lost")
+        self.ctx.sessions.discard(self)
+        if self._connector is not None:
+            self._connector.cancel()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and not self.upstream.is_closing():
+            self.upstream.resume_reading()
+
+    def pause_client(self, reason: int) -> None:
+        """Stop reading from the client until ``resume_client(reason)``."""
+        if not self._paused and not self.client.is_closing():
+            self.client.pause_reading()
+        self._paused |= reason
+
+    def resume_client(self, reason: int) -> None:
+        """Lift one reason to pause; read again when none is left."""
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if not self._paused and not self.client.is_closing():
+            self.client.resume_reading()
+
+    # -- client events ---------------------------------------------------------
+
+    def _pump_client(self) -> None:
+        core = self.core
+        limit = self.ctx.config.limits.max_pipelined_commands
+        while not self.closed:
+            try:
+                event = core.next_event()
+            except RemoteProtocolError as refused:
+                # A bare CR or LF inside DATA: the message must never be
+                # completed upstream, so that connection is reset.
+                log.info("session %s: %s", self.tracker.info.session_id, refused)
+                self._abort_upstream()
+                reply = make_reply(refused.code, refused.enhanced, refused.text)
+                self._end(reply, "bare_line_ending")
+                return
+            if isinstance(event, Signal):
+                if event is PAUSED:
+                    self.pause_client(_VERDICT)
+                return
+            if isinstance(event, Body):
+                self._on_body(event)
+            elif isinstance(event, BadCommand):
+                error = event.error
+                self._answer(None, event.verb, make_reply(error.code, error.enhanced, error.text))
+            else:
+                self._on_command(event)
+            if self.tracker.awaiting >= limit:
+                self.pause_client(_QUEUE)
+                return
+
+    def _on_command(self, command: Command) -> None:
+        verb = command.verb
+        upstream = self.upstream
+        if upstream is None:
+            return
+        if verb in _NOT_RELAYED:
+            # Not offered in EHLO: XCLIENT and XFORWARD are smtpwarden's own
+            # to send upstream; TLS and AUTH need listener support.
+            self._answer(command, verb, make_reply(502, "5.5.1", "Command not implemented"))
+            return
+        if (
+            self.ctx.draining
+            and not self.tracker.in_transaction
+            and verb in (Verb.MAIL, Verb.HELO, Verb.EHLO)
+        ):
+            self._end(make_reply(421, "4.3.2", self._text("Service shutting down")), "shutdown")
+            return
+        if isinstance(command, Bdat):
+            self._chunk_last = command.last
+            if not self._chunking:
+                # CHUNKING was not offered; the chunk that follows is read
+                # and dropped so the stream stays in step (RFC 3030 2).
+                self._chunk_dropped = True
+                self._answer(command, verb, make_reply(502, "5.5.1", "CHUNKING not offered"))
+                return
+            self._chunk_dropped = False
+            self._in_body = True
+            self._body_kind = "bdat"
+        elif verb is Verb.DATA:
+            self._in_body = True
+            self._body_kind = "data"
+        elif verb is Verb.QUIT:
+            self._quitting = True
+        upstream.write(command.line)
+        self._upstream_bytes += len(command.line)
+        self.tracker.forwarded(command, _now())
+
+    def _on_body(self, body: Body) -> None:
+        upstream = self.upstream
+        if self._chunk_dropped or upstream is None:
+            return
+        upstream.write(body.data)
+        self._upstream_bytes += len(body.data)
+        self.tracker.body(body.data)
+        if body.done and (self._body_kind == "data" or self._chunk_last):
+            self._in_body = False
+            self.tracker.end_of_body(_now())
+
+    def _answer(self, command: Command | None, verb: Verb | None, reply: Reply) -> None:
+        out = self.tracker.answered_locally(command, verb, reply, _now())
+        if out:
+            self._to_client.append(out)
+
+    # -- upstream events -------------------------------------------------------
+
+    async def _connect(self) -> None:
+        target = self.ctx.target
+        timeouts = self.ctx.config.timeouts
+        try:
+            async with asyncio.timeout(timeouts.connect):
+                transport, _ = await self.loop.create_connection(
+                    lambda: _UpstreamProtocol(self), target.host, target.port
+                )
+        except (OSError, TimeoutError) as error:
+            log.warning(
+                "session %s: upstream %s unreachable: %s",
+                self.tracker.info.session_id,
+                target.name,
+                str(error) or "timeout",
+            )
+            if not self.closed:
+                self._end(
+                    make_reply(
+                        421, "4.4.1", self._text("Upstream server unavailable, try again later")
+                    ),
+                    "upstream_unreachable",
+                    failed=True,
+                )
+            return
+        finally:
+            self._connector = None
+        upstream = transport
+        if self.closed:
+            upstream.abort()
+            return
+        upstream.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        self.upstream = upstream
+
+    def upstream_data(self, data: bytes) -> None:
+        """Handle bytes from the upstream: replies, paired and forwarded."""
+        if self.closed:
+            return
+        reader = self.reader
+        tracker = self.tracker
+        reader.receive_data(data)
+        now = _now()
+        while True:
+            try:
+                reply = reader.next_reply()
+            except MalformedReply as error:
+                self._upstream_failed(f"malformed reply: {error}", "upstream_malformed")
+                return
+            if reply is None:
+                break
+            entry = tracker.upstream_reply(reply, now)
+            if entry is None:
+                self._upstream_failed(
+                    f"reply nobody asked for: {reply.raw[:80]!r}", "upstream_unsolicited"
+                )
+                return
+            self._on_reply(entry, reply)
+            ready = tracker.ready_replies(now)
+            if ready:
+                self._to_client.append(ready)
+            if self._has_ended():
+                return
+        self._flush()
+        if tracker.records:
+            self._write_records()
+        if (self._quitting or self._client_eof) and not tracker.awaiting:
+            self._end(None, "quit" if self._quitting else "client_closed")
+            return
+        if (
+            self._paused & _QUEUE
+            and tracker.awaiting < self.ctx.config.limits.max_pipelined_commands
+        ):
+            self.resume_client(_QUEUE)
+            self._pump_client()
+            self._flush()
+        if self.ctx.draining:
+            self.drain()
+
+    def _on_reply(self, entry: Awaiting, reply: Reply) -> None:
+        out = self._to_client
+        match entry.verb:
+            case Verb.EHLO:
+                data, offered = reconcile(reply, self.ctx.policy)
+                self._chunking = "CHUNKING" in offered and self.ctx.policy.chunking
+                out.append(data)
+            case Verb.DATA:
+                out.append(reply.raw)
+                if reply.code == 354:
+                    self.core.start_data()
+                else:
+                    self._in_body = False
+                    self.core.refuse_data()
+                self.resume_client(_VERDICT)
+                self._pump_client()
+            case None if entry.name == "CONNECT":
+                out.append(reply.raw)
+                self.resume_client(_CONNECT)
+            case _:
+                out.append(reply.raw)
+
+    def upstream_lost(self) -> None:
+        """The upstream connection closed."""
+        if not self.closed:
+            self._upstream_failed("connection lost", "upstream_lost")
+
+    def _upstream_failed(self, why: str, reason: str) -> None:
+        log.warning(
+            "session %s: upstream %s: %s", self.tracker.info.session_id, self.ctx.target.name, why
+        )
+        self._abort_upstream()
+        self._end(
+            make_reply(421, "4.4.2", self._text("Upstream connection failed, try again later")),
+            reason,
+            failed=True,
+        )
+
+    # -- deadlines and shutdown ------------------------------------------------
+
+    def check_deadline(self, now: float) -> None:
+        """Close the session if the phase it is in has run out of time."""
+        if self.closed:
+            return
+        timeouts = self.ctx.config.timeouts
+        entry = self.tracker.oldest()
+        if self.upstream is None and self._connector is not None:
+            return  # the connect has its own timeout
+        if entry is not None and entry.local is None:
+            if now - entry.sent_at > _timeout_for(entry, timeouts):
+                self._abort_upstream()
+                reply = make_reply(421, "4.4.2", self._text("Upstream server timed out"))
+                self._end(reply, "upstream_timeout", failed=True)
+            return
+        state = self.core.state
+        idle = (
+            timeouts.data_block
+            if state in (ServerState.DATA, ServerState.CHUNK)
+            else timeouts.command
+        )
+        if now - self._last_client > idle:
+            if self._in_body:
+                self._abort_upstream()
+            self._end(
+                make_reply(
+                    421, "4.4.2", self._text("Timeout waiting for client, closing connection")
+                ),
+                "client_timeout",
+            )
+
+    def drain(self) -> None:
+        """Close now if between transactions; the relay is shutting down."""
+        if self.closed or self.tracker.awaiting or self.tracker.in_transaction or self._in_body:
+            return
+        self._end(make_reply(421, "4.3.2", self._text("Service shutting down")), "shutdown")
+
+    def force_close(self) -> None:
+        """Close now whatever the phase: the shutdown deadline has passed."""
+        if self.closed:
+            return
+        if self._in_body:
+            self._abort_upstream()
+        self._end(
+            make_reply(421, "4.3.2", self._text("Service shutting down")), "shutdown", failed=True
+        )
+
+    # -- closing ---------------------------------------------------------------
+
+    def _client_gone(self, reason: str) -> None:
+        if self._in_body:
+            self._abort_upstream()
+        self._end(None, reason)
+
+    def _abort_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+
+    def _end(self, reply: Reply | None, reason: str, *, failed: bool = False) -> None:
+        """Finish the session: optional closing reply, records, both sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        if reply is not None:
+            self._to_client.append(reply.raw)
+        self._flush()
+        upstream = self.upstream
+        if upstream is not None:
+            if not upstream.is_closing() and not self._quitting:
+                upstream.write(b"QUIT\r\n")
+            upstream.close()
+            self.upstream = None
+        if self._connector is not None:
+            self._connector.cancel()
+        record = self.tracker.close(
+            reason=reason,
+            now=_now(),
+            client_bytes=self._client_bytes,
+            upstream_bytes=self._upstream_bytes,
+            failure=reply if failed else None,
+        )
+        self._write_records()
+        self.ctx.records.write_session(record)
+        self.ctx.on_end()
+        self._close_client(lingering=reply is not None)
+
+    def _close_client(self, *, lingering: bool) -> None:
+        client = self.client
+        if client.is_closing():
+            return
+        if lingering and client.can_write_eof():
+            # Half-close, then drop what still arrives for a moment: closing
+            # with unread input would reset the connection and could destroy
+            # the reply before the client reads it.
+            client.write_eof()
+            self._lingering = True
+            if self._paused:
+                self._paused = 0
+                client.resume_reading()
+            self.loop.call_later(LINGER_S, client.close)
+        else:
+            client.close()
+
+    def _flush(self) -> None:
+        out = self._to_client
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if data and not self.client.is_closing():
+                self.client.write(data)
+
+    def _write_records(self) -> None:
+        records = self.ctx.records
+        for record in self.tracker.records:
+            records.write(record)
+        self.tracker.records.clear()
+
+    def _text(self, text: str) -> str:
+        return f"{self.ctx.config.hostname} {text}"

@@ -1,0 +1,1 @@
+"""What smtpwarden tells its operator: transaction logs (and later metrics)."""

@@ -1,0 +1,93 @@
+"""EHLO capabilities: parse the upstream's, offer the client what we honour.
+
+PRODUCT.md, "Capabilities": the client-facing EHLO reply is the upstream's,
+filtered to what smtpwarden can carry on this session. Keywords are kept by
+an allow-list, not a deny-list: an extension smtpwarden does not know may
+change the protocol in ways the relay cannot follow (TURN reverses roles,
+XEXCH50 sends binary data after a command), so it is never offered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from smtpwarden.protocol.replies import Reply
+
+# Extensions whose commands and parameters the relay carries unchanged.
+_ALWAYS = frozenset(
+    {
+        "SIZE",  # RFC 1870
+        "PIPELINING",  # RFC 2920
+        "8BITMIME",  # RFC 6152
+        "SMTPUTF8",  # RFC 6531
+        "DSN",  # RFC 3461
+        "ENHANCEDSTATUSCODES",  # RFC 2034
+        "VRFY",
+        "EXPN",
+        "HELP",
+        "ETRN",  # RFC 1985
+        "DELIVERBY",  # RFC 2852
+        "MT-PRIORITY",  # RFC 6710
+        "FUTURERELEASE",  # RFC 4865
+        "NO-SOLICITING",  # RFC 3865
+        "LIMITS",  # RFC 9422
+        "RRVS",  # RFC 7293
+    }
+)
+# Carried only when the relay can carry BDAT on this session (RFC 3030).
+_CHUNKING = frozenset({"CHUNKING", "BINARYMIME"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Extensions:
+    """A parsed EHLO reply: greeting text and upper-cased keyword -> params."""
+
+    greeting: bytes
+    keywords: dict[str, bytes]
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self.keywords
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExtensionPolicy:
+    """What this listener lets the client use besides the allow-list."""
+
+    chunking: bool = True
+    starttls: bool = False
+    auth: bool = False
+
+
+def parse_ehlo(reply: Reply) -> Extensions:
+    """Parse a 250 EHLO reply (RFC 5321 4.1.1.1: ehlo-ok-rsp)."""
+    keywords: dict[str, bytes] = {}
+    for line in reply.lines[1:]:
+        word, _, params = line.partition(b" ")
+        if word:
+            keywords[word.decode("ascii", "replace").upper()] = params
+    return Extensions(greeting=reply.lines[0], keywords=keywords)
+
+
+def reconcile(reply: Reply, policy: ExtensionPolicy) -> tuple[bytes, Extensions]:
+    """Filter an upstream EHLO reply for the client.
+
+    Returns the reply bytes to send and the upstream's parsed extensions.
+    A reply other than 250 is returned unchanged.
+    """
+    offered = parse_ehlo(reply)
+    if reply.code != 250:
+        return reply.raw, offered
+    kept = [reply.lines[0]]
+    for line in reply.lines[1:]:
+        keyword = line.partition(b" ")[0].decode("ascii", "replace").upper()
+        if (
+            keyword in _ALWAYS
+            or (keyword in _CHUNKING and policy.chunking)
+            or (keyword == "STARTTLS" and policy.starttls)
+            or (keyword == "AUTH" and policy.auth)
+        ):
+            kept.append(line)
+    if len(kept) == len(reply.lines):
+        return reply.raw, offered
+    out = b"".join(b"250-" + line + b"\r\n" for line in kept[:-1])
+    return out + b"250 " + kept[-1] + b"\r\n", offered

@@ -1,0 +1,168 @@
+"""The records the session tracker produces: plain frozen dataclasses.
+
+They serialise to JSON as they are (orjson handles dataclasses and enums),
+in field order, so this module is also the reference for the log format
+that ``observe/schema/*.json`` describes. Times are passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from smtpwarden.protocol.replies import Reply
+
+
+class Outcome(enum.Enum):
+    """How a transaction ended, as PRODUCT.md names it."""
+
+    DELIVERED = "delivered"  # the upstream answered 2xx to the end of the message
+    REJECTED = "rejected"  # a 5xx ended it
+    DEFERRED = "deferred"  # a 4xx ended it (or the upstream went away before the end)
+    UNKNOWN = "unknown"  # the message was sent but no final reply came
+    ABORTED = "aborted"  # the client stopped it (RSET, QUIT, EHLO, disconnect)
+
+
+def outcome_of(reply: Reply) -> Outcome:
+    """The outcome a final reply implies."""
+    match reply.code // 100:
+        case 2:
+            return Outcome.DELIVERED
+        case 4:
+            return Outcome.DEFERRED
+        case 5:
+            return Outcome.REJECTED
+        case _:
+            return Outcome.UNKNOWN
+
+
+def iso_time(epoch_s: float) -> str:
+    """Format seconds since the epoch as RFC 3339 UTC with milliseconds."""
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def text_of(raw: bytes) -> str:
+    """Decode wire text for a record; invalid UTF-8 becomes U+FFFD."""
+    return raw.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplyInfo:
+    """A reply as recorded. ``local`` is set when smtpwarden answered itself."""
+
+    code: int
+    enhanced: str | None
+    text: str
+    local: bool
+
+    @classmethod
+    def of(cls, reply: Reply, *, local: bool) -> ReplyInfo:
+        return cls(code=reply.code, enhanced=reply.enhanced, text=reply.text, local=local)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Step:
+    """One command of the timeline and its reply.
+
+    ``at_ms`` counts from the start of the transaction (or session);
+    ``latency_ms`` from sending the command to its reply. ``code`` is None
+    when no reply came.
+    """
+
+    command: str
+    at_ms: float
+    latency_ms: float | None
+    code: int | None
+    local: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Peer:
+    """A network endpoint."""
+
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Upstream:
+    """The upstream a session was relayed to."""
+
+    name: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tls:
+    """TLS on each leg: "none" until TLS support fills in the version."""
+
+    client: str = "none"
+    upstream: str = "none"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionInfo:
+    """What the shell knows of a session when it starts."""
+
+    session_id: str
+    listener: str
+    client: Peer
+    upstream: Upstream
+    tls: Tls
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Address:
+    """A MAIL FROM or RCPT TO path with its parameters and reply."""
+
+    address: str
+    params: dict[str, str | None]
+    reply: ReplyInfo | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransactionRecord:
+    """One mail transaction, from MAIL to its final reply."""
+
+    type: str
+    time: str
+    session_id: str
+    transaction_id: str
+    listener: str
+    client: Peer
+    upstream: Upstream
+    tls: Tls
+    helo: str | None
+    mail_from: Address
+    recipients: tuple[Address, ...]
+    body: str | None
+    size: int | None
+    body_sha256: str | None
+    timeline: tuple[Step, ...]
+    final_reply: ReplyInfo | None
+    outcome: Outcome
+    attempts: int
+    duration_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionRecord:
+    """One client session, written when it ends."""
+
+    type: str
+    time: str
+    session_id: str
+    listener: str
+    client: Peer
+    upstream: Upstream
+    tls: Tls
+    helo: str | None
+    banner: ReplyInfo | None
+    transactions: int
+    timeline: tuple[Step, ...]
+    end: str
+    client_bytes: int
+    upstream_bytes: int
+    duration_ms: float

@@ -1,0 +1,66 @@
+"""State machines of the protocol core: enums and transition tables.
+
+Rule 1: every state change goes through a table, ``(state, input) -> next``.
+Rule 2: a pair missing from the table is a bug in the caller; the machine
+moves to ERROR, raises ``LocalProtocolError``, and every later call fails.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from smtpwarden.protocol.errors import LocalProtocolError
+
+
+class ServerState(enum.Enum):
+    """Where the client-facing reader is in the byte stream."""
+
+    COMMAND = "command"  # reading command lines
+    AWAIT_DATA = "await data"  # DATA sent upstream; its reply decides what follows
+    DATA = "data"  # reading the body up to <CRLF>.<CRLF>
+    CHUNK = "chunk"  # reading the octets of one BDAT chunk
+    ERROR = "error"  # the stream can no longer be trusted
+
+
+class ServerInput(enum.Enum):
+    """What moves the client-facing reader."""
+
+    DATA_COMMAND = "DATA command"
+    DATA_ACCEPTED = "upstream answered 354"
+    DATA_REFUSED = "upstream refused DATA"
+    END_OF_DATA = "end of data"
+    BDAT_COMMAND = "BDAT command"
+    END_OF_CHUNK = "end of chunk"
+
+
+SERVER_TRANSITIONS: dict[tuple[ServerState, ServerInput], ServerState] = {
+    (ServerState.COMMAND, ServerInput.DATA_COMMAND): ServerState.AWAIT_DATA,
+    (ServerState.AWAIT_DATA, ServerInput.DATA_ACCEPTED): ServerState.DATA,
+    (ServerState.AWAIT_DATA, ServerInput.DATA_REFUSED): ServerState.COMMAND,
+    (ServerState.DATA, ServerInput.END_OF_DATA): ServerState.COMMAND,
+    (ServerState.COMMAND, ServerInput.BDAT_COMMAND): ServerState.CHUNK,
+    (ServerState.CHUNK, ServerInput.END_OF_CHUNK): ServerState.COMMAND,
+}
+
+
+class ServerMachine:
+    """Holds a ``ServerState`` and moves it only along ``SERVER_TRANSITIONS``."""
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state = ServerState.COMMAND
+
+    def move(self, event: ServerInput) -> ServerState:
+        """Apply ``event``; return the new state or raise ``LocalProtocolError``."""
+        nxt = SERVER_TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            current = self.state
+            self.state = ServerState.ERROR
+            raise LocalProtocolError(f"{event.value!r} is not allowed in state {current.value!r}")
+        self.state = nxt
+        return nxt
+
+    def fail(self) -> None:
+        """Move to ERROR after the peer broke the protocol."""
+        self.state = ServerState.ERROR

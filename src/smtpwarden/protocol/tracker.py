@@ -1,0 +1,389 @@
+"""The session tracker: pairs commands with replies and writes the records.
+
+RFC 2920 3.1: "the server MUST send its responses in the same order as the
+commands were received". The tracker keeps one queue of commands awaiting an
+answer, whether the upstream or smtpwarden itself gives it, and releases
+local answers only when every earlier command has been answered, so a
+pipelining client always reads replies in order.
+
+Transactions are followed by replies, never by commands: a pipelined RSET
+must not close a transaction whose RCPT replies are still on their way. Each
+transaction ends in exactly one ``TransactionRecord``; the session ends in a
+``SessionRecord``. Times are passed in; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+
+from smtpwarden.protocol.events import Bdat, Command, MailFrom, Param, RcptTo, Verb
+from smtpwarden.protocol.records import (
+    Address,
+    Outcome,
+    ReplyInfo,
+    SessionInfo,
+    SessionRecord,
+    Step,
+    TransactionRecord,
+    iso_time,
+    outcome_of,
+    text_of,
+)
+from smtpwarden.protocol.replies import Reply
+
+# The session timeline keeps the commands outside transactions; a session
+# can run thousands of transactions, so only the first steps are kept.
+MAX_SESSION_STEPS = 64
+# The DATA terminator's last octets, ".<CRLF>", are not part of the message.
+_DOT_CRLF = 3
+
+
+@dataclass(slots=True, kw_only=True)
+class Awaiting:
+    """A command waiting for its reply.
+
+    ``name`` is what the timeline shows: the verb, "CONNECT" for the banner,
+    "." for the end of data, "BDAT LAST" for the last chunk. ``body`` holds
+    the message size and SHA-256 once the message has been sent.
+    """
+
+    name: str
+    verb: Verb | None
+    sent_at: float
+    command: Command | None
+    local: Reply | None = None
+    body: tuple[int, str] | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class _Transaction:
+    number: int
+    started_at: float
+    mail_from: Address
+    recipients: list[Address]
+    steps: list[Step]
+    body: str | None = None
+
+
+def _params(params: tuple[Param, ...]) -> dict[str, str | None]:
+    return {text_of(key): None if value is None else text_of(value) for key, value in params}
+
+
+class SessionTracker:
+    """Follows one relayed session. See the module docstring."""
+
+    def __init__(self, *, info: SessionInfo, now: float, epoch_offset: float = 0.0) -> None:
+        """Start tracking at ``now``.
+
+        ``now`` and every later time come from one monotonic clock;
+        ``epoch_offset`` turns them into seconds since the epoch for the
+        records' ``time`` fields.
+        """
+        self.info = info
+        self._epoch = epoch_offset
+        self.started_at = now
+        self.helo: str | None = None
+        self.banner: ReplyInfo | None = None
+        self.records: list[TransactionRecord] = []
+        self._queue: deque[Awaiting] = deque()
+        self._queue.append(Awaiting(name="CONNECT", verb=None, sent_at=now, command=None))
+        self._tx: _Transaction | None = None
+        self._count = 0
+        self._steps: list[Step] = []
+        # The message being sent: hashed as it streams, lagging three octets
+        # so the DATA terminator's ".<CRLF>" can be left out at the end.
+        self._body_kind: str | None = None
+        self._sha = hashlib.sha256()
+        self._size = 0
+        self._lag = b""
+        self._last_bdat: Awaiting | None = None
+
+    # -- what the queue holds ------------------------------------------------
+
+    @property
+    def awaiting(self) -> int:
+        """Number of commands still waiting for a reply."""
+        return len(self._queue)
+
+    def oldest(self) -> Awaiting | None:
+        """The command whose reply comes next, if any."""
+        return self._queue[0] if self._queue else None
+
+    @property
+    def in_transaction(self) -> bool:
+        """True between an accepted MAIL and the transaction's end."""
+        return self._tx is not None
+
+    # -- client to upstream --------------------------------------------------
+
+    def forwarded(self, command: Command, now: float) -> None:
+        """Record that ``command`` was sent upstream."""
+        verb = command.verb
+        name = verb.value
+        if isinstance(command, MailFrom):
+            self._start_body(None)
+        elif verb is Verb.DATA:
+            self._start_body("data")
+        elif isinstance(command, Bdat):
+            if self._body_kind != "bdat":
+                self._start_body("bdat")
+            if command.last:
+                name = "BDAT LAST"
+        entry = Awaiting(name=name, verb=verb, sent_at=now, command=command)
+        if isinstance(command, Bdat):
+            self._last_bdat = entry
+        self._queue.append(entry)
+
+    def answered_locally(
+        self, command: Command | None, verb: Verb | None, reply: Reply, now: float
+    ) -> bytes:
+        """Record a command smtpwarden answers itself.
+
+        Returns the bytes to send the client now: the reply if nothing
+        earlier is still waiting, else nothing (it goes out with
+        ``ready_replies`` once the earlier replies have been sent).
+        """
+        name = verb.value if verb is not None else "UNKNOWN"
+        entry = Awaiting(name=name, verb=verb, sent_at=now, command=command, local=reply)
+        if self._queue:
+            self._queue.append(entry)
+            return b""
+        self._answer(entry, reply, now)
+        return reply.raw
+
+    def body(self, data: bytes | memoryview) -> None:
+        """Account for message content sent upstream (the hot path)."""
+        size = len(data)
+        self._size += size
+        if self._body_kind == "data":
+            if size >= _DOT_CRLF:
+                self._sha.update(self._lag)
+                self._sha.update(data[:-_DOT_CRLF])
+                self._lag = bytes(data[-_DOT_CRLF:])
+            else:
+                lag = self._lag + bytes(data)
+                self._sha.update(lag[:-_DOT_CRLF])
+                self._lag = lag[-_DOT_CRLF:]
+        else:
+            self._sha.update(data)
+
+    def end_of_body(self, now: float) -> None:
+        """The message has been sent: DATA's terminator or BDAT LAST's chunk."""
+        if self._body_kind == "data":
+            body = (self._size - _DOT_CRLF, self._sha.hexdigest())
+            self._queue.append(Awaiting(name=".", verb=None, sent_at=now, command=None, body=body))
+        elif self._last_bdat is not None:
+            self._last_bdat.body = (self._size, self._sha.hexdigest())
+
+    # -- upstream to client --------------------------------------------------
+
+    def upstream_reply(self, reply: Reply, now: float) -> Awaiting | None:
+        """Pair an upstream reply with the command it answers.
+
+        Returns the answered command, or None for a reply nobody asked for
+        (the caller treats that as a broken upstream).
+        """
+        if not self._queue or self._queue[0].local is not None:
+            return None
+        entry = self._queue.popleft()
+        self._answer(entry, reply, now)
+        return entry
+
+    def ready_replies(self, now: float) -> bytes:
+        """Local replies that may go out now that earlier ones have."""
+        out = b""
+        while self._queue and self._queue[0].local is not None:
+            entry = self._queue.popleft()
+            reply = entry.local
+            assert reply is not None  # noqa: S101 - checked by the loop condition
+            self._answer(entry, reply, now)
+            out += reply.raw
+        return out
+
+    def close(
+        self,
+        *,
+        reason: str,
+        now: float,
+        client_bytes: int,
+        upstream_bytes: int,
+        failure: Reply | None = None,
+    ) -> SessionRecord:
+        """End the session; an open transaction gets its record first.
+
+        ``failure`` is the reply smtpwarden gave the client because the
+        upstream failed (a 421), or None when the client went away. A
+        transaction whose message was sent but never answered ends as
+        "unknown" (the RFC 1047 window); one the upstream failed, as
+        "deferred"; one the client left, as "aborted".
+        """
+        sent = False
+        for entry in self._queue:
+            command = entry.command
+            if isinstance(command, MailFrom) and self._tx is None:
+                self._open(entry, command, None)
+            self._step(entry, None, now)
+            sent = sent or entry.body is not None
+        self._queue.clear()
+        if self._tx is not None:
+            if sent:
+                outcome = Outcome.UNKNOWN
+            else:
+                outcome = Outcome.ABORTED if failure is None else Outcome.DEFERRED
+            final = None if failure is None else ReplyInfo.of(failure, local=True)
+            self._finish(final, outcome, now)
+        info = self.info
+        return SessionRecord(
+            type="session",
+            time=iso_time(self.started_at + self._epoch),
+            session_id=info.session_id,
+            listener=info.listener,
+            client=info.client,
+            upstream=info.upstream,
+            tls=info.tls,
+            helo=self.helo,
+            banner=self.banner,
+            transactions=self._count,
+            timeline=tuple(self._steps),
+            end=reason,
+            client_bytes=client_bytes,
+            upstream_bytes=upstream_bytes,
+            duration_ms=round((now - self.started_at) * 1000, 3),
+        )
+
+    # -- internals -----------------------------------------------------------
+
+    def _start_body(self, kind: str | None) -> None:
+        self._body_kind = kind
+        self._sha = hashlib.sha256()
+        self._size = 0
+        self._lag = b""
+        self._last_bdat = None
+
+    def _step(self, entry: Awaiting, reply: Reply | None, now: float) -> None:
+        tx = self._tx
+        origin = tx.started_at if tx is not None else self.started_at
+        step = Step(
+            command=entry.name,
+            at_ms=round((entry.sent_at - origin) * 1000, 3),
+            latency_ms=None if reply is None else round((now - entry.sent_at) * 1000, 3),
+            code=None if reply is None else reply.code,
+            local=entry.local is not None,
+        )
+        if tx is not None:
+            tx.steps.append(step)
+        elif len(self._steps) < MAX_SESSION_STEPS:
+            self._steps.append(step)
+
+    def _open(self, entry: Awaiting, command: MailFrom, reply: Reply | None) -> None:
+        self._count += 1
+        mail_from = Address(
+            address=text_of(command.path),
+            params=_params(command.params),
+            reply=None if reply is None else ReplyInfo.of(reply, local=entry.local is not None),
+        )
+        self._tx = _Transaction(
+            number=self._count,
+            started_at=entry.sent_at,
+            mail_from=mail_from,
+            recipients=[],
+            steps=[],
+        )
+
+    def _answer(self, entry: Awaiting, reply: Reply, now: float) -> None:
+        local = entry.local is not None
+        command = entry.command
+        tx = self._tx
+        if isinstance(command, MailFrom) and tx is None:
+            self._open(entry, command, reply)
+            self._step(entry, reply, now)
+            if reply.code // 100 != 2:
+                self._finish(ReplyInfo.of(reply, local=local), outcome_of(reply), now)
+            return
+        match entry.verb:
+            case None if entry.name == "CONNECT":
+                self.banner = ReplyInfo.of(reply, local=local)
+                self._step(entry, reply, now)
+            case Verb.HELO | Verb.EHLO:
+                if tx is not None:
+                    # RFC 5321 4.1.4: EHLO resets the transaction.
+                    self._finish(None, Outcome.ABORTED, now)
+                self._step(entry, reply, now)
+                if reply.code // 100 == 2 and command is not None:
+                    self.helo = text_of(command.argument)
+            case Verb.RCPT:
+                self._step(entry, reply, now)
+                if tx is not None and isinstance(command, RcptTo):
+                    tx.recipients.append(
+                        Address(
+                            address=text_of(command.path),
+                            params=_params(command.params),
+                            reply=ReplyInfo.of(reply, local=local),
+                        )
+                    )
+            case Verb.DATA:
+                self._step(entry, reply, now)
+                if tx is not None:
+                    if reply.code == 354:
+                        tx.body = "data"
+                    else:
+                        self._finish(ReplyInfo.of(reply, local=local), outcome_of(reply), now)
+            case Verb.BDAT:
+                self._step(entry, reply, now)
+                if tx is not None:
+                    tx.body = "bdat"
+                    if entry.body is not None or reply.code // 100 != 2:
+                        # RFC 3030 4.2: after a 4xx or 5xx to a chunk "the
+                        # transaction should be considered failed".
+                        self._finish(
+                            ReplyInfo.of(reply, local=local), outcome_of(reply), now, entry.body
+                        )
+            case None:  # the end of DATA
+                self._step(entry, reply, now)
+                if tx is not None:
+                    self._finish(
+                        ReplyInfo.of(reply, local=local), outcome_of(reply), now, entry.body
+                    )
+            case Verb.RSET | Verb.QUIT:
+                self._step(entry, reply, now)
+                if tx is not None:
+                    self._finish(None, Outcome.ABORTED, now)
+            case _:
+                self._step(entry, reply, now)
+
+    def _finish(
+        self,
+        final: ReplyInfo | None,
+        outcome: Outcome,
+        now: float,
+        body: tuple[int, str] | None = None,
+    ) -> None:
+        tx = self._tx
+        assert tx is not None  # noqa: S101 - every caller checks
+        self._tx = None
+        info = self.info
+        self.records.append(
+            TransactionRecord(
+                type="transaction",
+                time=iso_time(tx.started_at + self._epoch),
+                session_id=info.session_id,
+                transaction_id=f"{info.session_id}.{tx.number}",
+                listener=info.listener,
+                client=info.client,
+                upstream=info.upstream,
+                tls=info.tls,
+                helo=self.helo,
+                mail_from=tx.mail_from,
+                recipients=tuple(tx.recipients),
+                body=tx.body,
+                size=None if body is None else body[0],
+                body_sha256=None if body is None else body[1],
+                timeline=tuple(tx.steps),
+                final_reply=final,
+                outcome=outcome,
+                attempts=1,
+                duration_ms=round((now - tx.started_at) * 1000, 3),
+            )
+        )
