@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Final, Generic, Literal, Protocol, TypeVar
 
 import yaml
+from yaml.reader import ReaderError
 
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 UpstreamKind = Literal["smtp", "sink"]
@@ -605,6 +606,11 @@ def _duplicate_keys(root: yaml.Node) -> list[str]:
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
+    if isinstance(err, ReaderError):  # PyYAML says "unicode" for a control character
+        if err.encoding == "unicode":
+            where = f"character #x{err.character:04x} at position {err.position}"
+            return f"invalid YAML: {where}: {err.reason}"
+        return f"not valid {err.encoding} text at byte {err.position}: {err.reason}"
     if not isinstance(err, yaml.MarkedYAMLError):
         return "invalid YAML: " + " ".join(str(err).split())
     mark = err.problem_mark or err.context_mark
@@ -628,15 +634,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             content = stream.read()
     except OSError as err:
         raise ConfigError(source, [f"cannot read the file: {err.strerror or err}"]) from err
-    loader = yaml.SafeLoader(content)
     try:
-        root = loader.get_single_node()
-        duplicates = _duplicate_keys(root) if root is not None else []
-        data: object = loader.construct_document(root) if root is not None else None
+        loader = yaml.SafeLoader(content)  # reads ahead: can already fail
+        try:
+            root = loader.get_single_node()
+            duplicates = _duplicate_keys(root) if root is not None else []
+            data: object = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(source, [_yaml_problem(err)]) from err
-    finally:
-        loader.dispose()
     try:
         config = parse_config(data, source=source)
     except ConfigError as err:
