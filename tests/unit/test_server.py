@@ -1,0 +1,277 @@
+"""The client-facing reader: commands, DATA framing, BDAT counting."""
+
+from __future__ import annotations
+
+import pytest
+from corehelpers import splits, summarize_server
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smtpwarden.protocol.errors import LocalProtocolError, RemoteProtocolError
+from smtpwarden.protocol.events import NEED_DATA, PAUSED, BadCommand, Bdat, Body, MailFrom
+from smtpwarden.protocol.server import ServerConnection
+from smtpwarden.protocol.state import ServerState
+
+BODY = b"Subject: t\r\n\r\n..leading dot\r\n.\xff8bit\r\n" + b"x" * 998 + b"\r\n"
+
+
+def every_split(
+    wire: bytes, expected: list[tuple[str, bytes]], *, accept_data: bool = True
+) -> None:
+    for chunks in splits(wire):
+        assert summarize_server(chunks, accept_data=accept_data) == expected, chunks
+
+
+def test_a_whole_transaction_in_every_split() -> None:
+    wire = (
+        b"EHLO client.example\r\nMAIL FROM:<a@example.com> SIZE=100\r\n"
+        b"RCPT TO:<b@example.org>\r\nDATA\r\n" + BODY + b".\r\nQUIT\r\n"
+    )
+    every_split(
+        wire,
+        [
+            ("EHLO", b"EHLO client.example\r\n"),
+            ("MAIL", b"MAIL FROM:<a@example.com> SIZE=100\r\n"),
+            ("RCPT", b"RCPT TO:<b@example.org>\r\n"),
+            ("DATA", b"DATA\r\n"),
+            ("body", BODY + b".\r\n"),
+            ("done", b""),
+            ("QUIT", b"QUIT\r\n"),
+        ],
+    )
+
+
+def test_empty_message() -> None:
+    every_split(
+        b"DATA\r\n.\r\nNOOP\r\n",
+        [("DATA", b"DATA\r\n"), ("body", b".\r\n"), ("done", b""), ("NOOP", b"NOOP\r\n")],
+    )
+
+
+def test_refused_data_goes_back_to_commands() -> None:
+    every_split(
+        b"DATA\r\nRSET\r\n", [("DATA", b"DATA\r\n"), ("RSET", b"RSET\r\n")], accept_data=False
+    )
+
+
+def test_a_dot_line_inside_the_body_is_not_the_end() -> None:
+    body = b"a\r\n..\r\n.x\r\n\r\n"
+    every_split(
+        b"DATA\r\n" + body + b".\r\n",
+        [("DATA", b"DATA\r\n"), ("body", body + b".\r\n"), ("done", b"")],
+    )
+
+
+SMUGGLING = {
+    "lf-dot-lf": b"a\n.\n",
+    "cr-dot-cr": b"a\r.\r",
+    "lf-dot-crlf": b"a\n.\r\n",
+    "crlf-dot-lf": b"a\r\n.\n",
+    "crlf-dot-cr": b"a\r\n.\rb",
+    "cr-dot-crlf": b"a\r.\r\n",
+    "bare-lf-line": b"line\nmore\r\n",
+    "bare-cr-line": b"line\rmore\r\n",
+    "cr-cr-lf": b"x\r\r\n",
+}
+SMUGGLED = (
+    b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\nsmuggled\r\n.\r\n"
+)
+
+
+@pytest.mark.parametrize("marker", SMUGGLING.values(), ids=SMUGGLING.keys())
+def test_smuggling_markers_are_refused_before_any_of_their_chunk_is_released(marker: bytes) -> None:
+    wire = b"DATA\r\nclean line\r\n" + marker + SMUGGLED + b"\r\n.\r\n"
+    cut = len(b"DATA\r\nclean line\r\n")
+    for chunks in splits(wire):
+        out = summarize_server(chunks)
+        assert out[-1] == (
+            "error",
+            b"521 5.5.2 Bare CR or LF in message data is not allowed; closing connection\r\n",
+        )
+        released = b"".join(data for kind, data in out if kind == "body")
+        # Nothing at or after the marker's first bare octet was released.
+        assert len(released) <= cut + marker.index(b"\n" if b"\n" in marker else b"\r") + 1
+        assert b"MAIL FROM:<evil" not in released
+        assert ("done", b"") not in out
+        assert not any(kind == "MAIL" for kind, _ in out)
+
+
+def test_error_state_fails_fast() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"DATA\r\n")
+    assert isinstance(conn.next_event(), object)
+    assert conn.next_event() is PAUSED
+    conn.start_data()
+    conn.receive_data(b"a\n.\n")
+    with pytest.raises(RemoteProtocolError):
+        conn.next_event()
+    assert conn.state is ServerState.ERROR
+    with pytest.raises(LocalProtocolError):
+        conn.next_event()
+
+
+def test_start_data_out_of_turn_is_a_local_error() -> None:
+    conn = ServerConnection()
+    with pytest.raises(LocalProtocolError, match="not allowed"):
+        conn.start_data()
+    assert conn.state is ServerState.ERROR
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        (
+            b"MAIL FROM:<a@b>\nRCPT TO:<c@d>\r\n",
+            b"500 5.5.2 Bare CR or LF is not allowed; lines must end with CRLF\r\n",
+        ),
+        (
+            b"NOOP\rRSET\r\n",
+            b"500 5.5.2 Bare CR or LF is not allowed; lines must end with CRLF\r\n",
+        ),
+        (b"NO\x00OP\r\n", b"500 5.5.2 Control characters are not allowed\r\n"),
+        (b"FOO bar\r\n", b"500 5.5.1 Command unrecognized\r\n"),
+        (b"MAIL FROM:<a@b> SIZE=abc\r\n", b"501 5.5.4 Syntax error in parameters or arguments\r\n"),
+        (b"MAIL TO:<a@b>\r\n", b"501 5.5.4 Syntax error in address\r\n"),
+        (
+            b"RCPT TO:<a@b> NOTIFY=SOMETIMES\r\n",
+            b"501 5.5.4 Syntax error in parameters or arguments\r\n",
+        ),
+        (b"BDAT x\r\n", b"501 5.5.4 Syntax error in parameters or arguments\r\n"),
+        (b"EHLO\r\n", b"501 5.5.4 Domain name required\r\n"),
+    ],
+    ids=[
+        "bare-lf",
+        "bare-cr",
+        "nul",
+        "unknown-verb",
+        "bad-size",
+        "mail-to",
+        "bad-notify",
+        "bad-bdat",
+        "no-domain",
+    ],
+)
+def test_bad_command_lines_get_a_reply_and_are_never_events(line: bytes, reply: bytes) -> None:
+    for chunks in splits(line + b"NOOP\r\n"):
+        out = summarize_server(chunks)
+        assert out[-1] == ("NOOP", b"NOOP\r\n")
+        assert ("bad", reply) in out
+        assert all(kind in ("bad", "NOOP", "RCPT", "RSET") for kind, _ in out)
+
+
+def test_overlong_command_is_dropped_to_its_end_and_answered_once() -> None:
+    conn = ServerConnection(max_line_bytes=32)
+    wire = b"NOOP " + b"x" * 100 + b"\r\nNOOP\r\n"
+    events = []
+    for i in range(len(wire)):
+        conn.receive_data(wire[i : i + 1])
+        while (event := conn.next_event()) is not NEED_DATA:
+            events.append(event)
+        assert conn.buffered <= 33
+    assert len(events) == 2
+    assert isinstance(events[0], BadCommand)
+    assert events[0].error.reply_bytes() == b"500 5.5.2 Line too long\r\n"
+
+
+def test_mail_and_rcpt_parameters() -> None:
+    conn = ServerConnection()
+    conn.receive_data(
+        b"MAIL FROM:<> BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=a+2Bb\r\n"
+        b'RCPT TO:<"odd >name"@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;x@y\r\n'
+        b"mail from: user@example.com\r\n"
+    )
+    mail, rcpt, lenient = conn.next_event(), conn.next_event(), conn.next_event()
+    assert isinstance(mail, MailFrom)
+    assert mail.path == b""
+    assert mail.params == (
+        (b"BODY", b"8BITMIME"),
+        (b"SMTPUTF8", None),
+        (b"RET", b"HDRS"),
+        (b"ENVID", b"a+2Bb"),
+    )
+    assert rcpt.path == b'"odd >name"@example.org'  # type: ignore[union-attr]
+    assert rcpt.params == ((b"NOTIFY", b"SUCCESS,FAILURE"), (b"ORCPT", b"rfc822;x@y"))  # type: ignore[union-attr]
+    assert lenient.path == b"user@example.com"  # type: ignore[union-attr]
+
+
+def test_smtputf8_takes_no_value_and_envid_is_bounded() -> None:
+    assert summarize_server([b"MAIL FROM:<a@b> SMTPUTF8=yes\r\n"])[0][0] == "bad"
+    assert summarize_server([b"MAIL FROM:<a@b> ENVID=" + b"x" * 101 + b"\r\n"])[0][0] == "bad"
+    assert summarize_server([b"MAIL FROM:<a@b> X-UNKNOWN=1\r\n"])[0][0] == "MAIL"
+
+
+def test_bdat_counts_octets_and_ignores_what_they_contain() -> None:
+    chunk1 = b"Subject: x\r\n\r\nbare\nlf and\r\n.\r\nend marker inside"
+    wire = b"BDAT %d\r\n" % len(chunk1) + chunk1 + b"BDAT 0 LAST\r\nQUIT\r\n"
+    every_split(
+        wire,
+        [
+            ("BDAT", b"BDAT %d\r\n" % len(chunk1)),
+            ("body", chunk1),
+            ("done", b""),
+            ("BDAT", b"BDAT 0 LAST\r\n"),
+            ("done", b""),
+            ("QUIT", b"QUIT\r\n"),
+        ],
+    )
+
+
+def test_bdat_event_fields() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"BDAT 3 last\r\nabc")
+    bdat = conn.next_event()
+    assert isinstance(bdat, Bdat)
+    assert (bdat.size, bdat.last) == (3, True)
+    body = conn.next_event()
+    assert isinstance(body, Body)
+    assert body.done
+    assert conn.state is ServerState.COMMAND
+
+
+def test_body_chunks_are_not_copied() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"DATA\r\n")
+    conn.next_event()
+    conn.next_event()
+    conn.start_data()
+    chunk = b"line one\r\nline two\r\n"
+    conn.receive_data(chunk)
+    event = conn.next_event()
+    assert isinstance(event, Body)
+    assert event.data is chunk
+    tail = b"end\r\n.\r\nNOOP\r\n"
+    conn.receive_data(tail)
+    event = conn.next_event()
+    assert isinstance(event, Body)
+    assert isinstance(event.data, memoryview)
+    assert event.data.obj is tail
+    assert bytes(event.data) == b"end\r\n.\r\n"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary(max_size=30), max_size=10))
+def test_any_input_yields_events_or_a_protocol_error(chunks: list[bytes]) -> None:
+    conn = ServerConnection(max_line_bytes=40)
+    try:
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            while True:
+                event = conn.next_event()
+                if event is PAUSED:
+                    conn.start_data()
+                    continue
+                if event is NEED_DATA:
+                    break
+    except RemoteProtocolError:
+        assert conn.state is ServerState.ERROR
+
+
+@given(st.binary(max_size=200), st.integers(1, 64))
+def test_released_body_never_holds_a_bare_line_ending(body: bytes, step: int) -> None:
+    wire = b"DATA\r\n" + body + b"\r\n.\r\n"
+    out = summarize_server([wire[i : i + step] for i in range(0, len(wire), step)])
+    released = b"".join(data for kind, data in out if kind == "body")
+    assert released.count(b"\n") == released.count(b"\r\n") == released.count(b"\r")
+    if out[-1][0] != "error":
+        assert released.endswith(b"\r\n.\r\n")
+        assert released.count(b"\r\n.\r\n") == 1 or released.startswith(b".\r\n")
