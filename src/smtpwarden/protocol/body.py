@@ -33,7 +33,6 @@ def _bare(detail: str) -> BareLineEnding:
 
 END_OF_DATA = b"\r\n.\r\n"
 _CR = 13
-_LF = 10
 # The marker is 5 octets: a marker that began in the previous chunk started
 # at most 4 octets before this one, so 4 octets of history suffice.
 _HISTORY = 4
@@ -43,6 +42,9 @@ class DataReader:
     """Scans DATA chunks for the end marker and for bare CR or LF.
 
     One reader serves one DATA section; ``reset`` readies it for the next.
+    A CR at the very end of a chunk is held back (left unreleased) until the
+    next chunk shows whether an LF follows, so every octet released has
+    been judged in full and the upstream never sees half of a bad pair.
     """
 
     __slots__ = ("_tail",)
@@ -56,46 +58,39 @@ class DataReader:
         """Forget the previous section."""
         self._tail = b"\r\n"
 
-    def scan(self, buf: bytes, start: int) -> int:
-        """Scan ``buf[start:]`` as body data.
+    def scan(self, buf: bytes, start: int) -> tuple[int, bool]:
+        """Scan ``buf[start:]`` (not empty) as body data.
 
-        Returns the index in ``buf`` just past the end marker, or -1 if all
-        of ``buf[start:]`` is body. Raises ``BareLineEnding`` if the body up
-        to the marker (or to the end of ``buf``) holds a bare CR or LF; in
-        that case no part of the chunk may be forwarded.
+        Returns ``(stop, done)``: ``buf[start:stop]`` may be released, and
+        ``done`` says it ends with the end marker. Without the marker,
+        ``stop`` is the end of ``buf``, less a final CR held back. Raises
+        ``BareLineEnding`` if ``buf[start:stop]`` holds a bare CR or LF; then
+        no part of the chunk may be released.
         """
         tail = self._tail
-        end = -1
         head = tail + buf[start : start + _HISTORY]
         found = head.find(END_OF_DATA)
+        done = True
         if 0 <= found < len(tail):
-            end = start + found + len(END_OF_DATA) - len(tail)
+            stop = start + found + len(END_OF_DATA) - len(tail)
         else:
             found = buf.find(END_OF_DATA, start)
             if found >= 0:
-                end = found + len(END_OF_DATA)
-        stop = len(buf) if end < 0 else end
+                stop = found + len(END_OF_DATA)
+            else:
+                done = False
+                stop = len(buf)
+                if buf[stop - 1] == _CR:
+                    stop -= 1
         if stop > start:
-            self._check(buf, start, stop, tail[-1])
-            self._tail = (
-                buf[stop - _HISTORY : stop]
-                if stop - start >= _HISTORY
-                else (tail + buf[start:stop])[-_HISTORY:]
-            )
-        return end
-
-    @staticmethod
-    def _check(buf: bytes, start: int, stop: int, previous: int) -> None:
-        # Every LF must follow a CR and every CR must precede an LF. A CR at
-        # the very end of the chunk is judged with the next chunk.
-        joined = 0
-        if previous == _CR:
-            if buf[start] != _LF:
+            # Every CR must start a CRLF pair and every LF end one.
+            pairs = buf.count(b"\r\n", start, stop)
+            if buf.count(b"\n", start, stop) != pairs:
+                raise _bare("bare LF in message data")
+            if buf.count(b"\r", start, stop) != pairs:
                 raise _bare("bare CR in message data")
-            joined = 1
-        pairs = buf.count(b"\r\n", start, stop)
-        open_cr = 1 if buf[stop - 1] == _CR else 0
-        if buf.count(b"\n", start, stop) != pairs + joined:
-            raise _bare("bare LF in message data")
-        if buf.count(b"\r", start, stop) != pairs + open_cr:
-            raise _bare("bare CR in message data")
+            if stop - start >= _HISTORY:
+                self._tail = buf[stop - _HISTORY : stop]
+            else:
+                self._tail = (tail + buf[start:stop])[-_HISTORY:]
+        return stop, done

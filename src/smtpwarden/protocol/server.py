@@ -135,17 +135,17 @@ class ServerConnection:
         if pos >= len(buf):
             return NEED_DATA
         try:
-            end = self._data.scan(buf, pos)
+            stop, done = self._data.scan(buf, pos)
         except BareLineEnding:
             self._machine.fail()
             raise
-        if end < 0:
-            self._pos = len(buf)
-            return Body(data=buf if pos == 0 else memoryview(buf)[pos:], done=False)
-        self._pos = end
-        self._machine.move(ServerInput.END_OF_DATA)
-        whole = pos == 0 and end == len(buf)
-        return Body(data=buf if whole else memoryview(buf)[pos:end], done=True)
+        if stop == pos:
+            return NEED_DATA  # only a CR, held until its LF arrives
+        self._pos = stop
+        if done:
+            self._machine.move(ServerInput.END_OF_DATA)
+        whole = pos == 0 and stop == len(buf)
+        return Body(data=buf if whole else memoryview(buf)[pos:stop], done=done)
 
     def _next_chunk(self) -> Event | Signal:
         buf = self._buf
