@@ -9,7 +9,7 @@ import pytest
 
 from smtpwarden.protocol.commands import parse_command
 from smtpwarden.protocol.events import Bdat, Command, Verb
-from smtpwarden.protocol.records import Outcome, Peer, SessionInfo, Tls, Upstream
+from smtpwarden.protocol.records import Outcome, Peer, ReplyInfo, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import make_reply, parse_reply
 from smtpwarden.protocol.tracker import MAX_SESSION_STEPS, SessionTracker
 
@@ -224,7 +224,7 @@ def test_lost_outcome_is_unknown() -> None:
     s.reply(b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n")
     s.body(b"x\r\n.\r\n")
     s.end()
-    lost = make_reply(421, "4.4.2", "Upstream connection failed")
+    lost = ReplyInfo.of(make_reply(421, "4.4.2", "Upstream connection failed"), local=True)
     session = s.tracker.close(
         reason="upstream_lost", now=s.tick(), client_bytes=1, upstream_bytes=2, failure=lost
     )
@@ -238,7 +238,10 @@ def test_lost_outcome_is_unknown() -> None:
 
 @pytest.mark.parametrize(
     ("failure", "outcome"),
-    [(make_reply(421, "4.4.2", "lost"), Outcome.DEFERRED), (None, Outcome.ABORTED)],
+    [
+        (ReplyInfo.of(make_reply(421, "4.4.2", "lost"), local=False), Outcome.DEFERRED),
+        (None, Outcome.ABORTED),
+    ],
     ids=["upstream-failed", "client-left"],
 )
 def test_session_end_mid_transaction(failure: object, outcome: Outcome) -> None:
@@ -254,7 +257,7 @@ def test_session_end_mid_transaction(failure: object, outcome: Outcome) -> None:
 def test_mail_still_awaiting_its_reply_gets_a_record_at_session_end() -> None:
     s = Session()
     s.send(b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>", b"DATA")
-    failure = make_reply(421, "4.4.2", "lost")
+    failure = ReplyInfo.of(make_reply(421, "4.4.2", "lost"), local=True)
     s.tracker.close(
         reason="upstream_lost", now=s.tick(), client_bytes=0, upstream_bytes=0, failure=failure
     )

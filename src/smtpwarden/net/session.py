@@ -32,7 +32,7 @@ from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.errors import MalformedReply, RemoteProtocolError
 from smtpwarden.protocol.events import PAUSED, BadCommand, Bdat, Body, Command, Signal, Verb
 from smtpwarden.protocol.extensions import ExtensionPolicy, reconcile
-from smtpwarden.protocol.records import Peer, SessionInfo, Tls, Upstream
+from smtpwarden.protocol.records import Peer, ReplyInfo, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import Reply, ReplyReader, make_reply
 from smtpwarden.protocol.server import ServerConnection
 from smtpwarden.protocol.state import ServerState
@@ -398,6 +398,12 @@ class Session(asyncio.Protocol):
                 self._to_client.append(ready)
             if self._has_ended():
                 return
+            if reply.code == 421:
+                # RFC 5321 3.8: the upstream is closing. Its reply reached
+                # the client; the session ends with it.
+                self._abort_upstream()
+                self._end(None, "upstream_421", upstream_failure=reply)
+                return
         self._flush()
         if tracker.records:
             self._write_records()
@@ -512,14 +518,31 @@ class Session(asyncio.Protocol):
             self.upstream.abort()
             self.upstream = None
 
-    def _end(self, reply: Reply | None, reason: str, *, failed: bool = False) -> None:
-        """Finish the session: optional closing reply, records, both sockets."""
+    def _end(
+        self,
+        reply: Reply | None,
+        reason: str,
+        *,
+        failed: bool = False,
+        upstream_failure: Reply | None = None,
+    ) -> None:
+        """Finish the session: optional closing reply, records, both sockets.
+
+        ``failed`` says the closing reply reports an upstream failure, and
+        ``upstream_failure`` is the upstream's own closing reply: either way
+        an open transaction is recorded as deferred rather than aborted.
+        """
         if self._closed:
             return
         self._closed = True
         if reply is not None:
             self._to_client.append(reply.raw)
         self._flush()
+        failure = None
+        if upstream_failure is not None:
+            failure = ReplyInfo.of(upstream_failure, local=False)
+        elif failed and reply is not None:
+            failure = ReplyInfo.of(reply, local=True)
         upstream = self.upstream
         if upstream is not None:
             if not upstream.is_closing() and not self._quitting:
@@ -533,7 +556,7 @@ class Session(asyncio.Protocol):
             now=_now(),
             client_bytes=self._client_bytes,
             upstream_bytes=self._upstream_bytes,
-            failure=reply if failed else None,
+            failure=failure,
         )
         self._write_records()
         self.ctx.records.write_session(record)

@@ -209,12 +209,13 @@ class SessionTracker:
         now: float,
         client_bytes: int,
         upstream_bytes: int,
-        failure: Reply | None = None,
+        failure: ReplyInfo | None = None,
     ) -> SessionRecord:
         """End the session; an open transaction gets its record first.
 
-        ``failure`` is the reply smtpwarden gave the client because the
-        upstream failed (a 421), or None when the client went away. A
+        ``failure`` is the 421 that ended the session because the upstream
+        failed (the upstream's own or smtpwarden's), or None when the client
+        went away. A
         transaction whose message was sent but never answered ends as
         "unknown" (the RFC 1047 window); one the upstream failed, as
         "deferred"; one the client left, as "aborted".
@@ -232,8 +233,7 @@ class SessionTracker:
                 outcome = Outcome.UNKNOWN
             else:
                 outcome = Outcome.ABORTED if failure is None else Outcome.DEFERRED
-            final = None if failure is None else ReplyInfo.of(failure, local=True)
-            self._finish(final, outcome, now)
+            self._finish(failure, outcome, now)
         info = self.info
         return SessionRecord(
             type="session",
