@@ -132,8 +132,9 @@ def lost_record() -> TransactionRecord:
             Address(address="ops@example.net", params={}, reply=reply(250, "2.1.5", "Ok")),
         ),
         body="bdat",
-        size=4096,
-        body_sha256="0" * 64,
+        # No reply to BDAT LAST: the tracker records no size for it.
+        size=None,
+        body_sha256=None,
         timeline=(
             step("MAIL", 0.0, 0.4, 250),
             step("RCPT", 0.5, 0.6, 250),
@@ -146,24 +147,44 @@ def lost_record() -> TransactionRecord:
     )
 
 
-def refused_record() -> TransactionRecord:
-    """A MAIL refused locally before the upstream ever saw it."""
+def rejected_record() -> TransactionRecord:
+    """The upstream refused MAIL: the transaction ends there."""
+    refusal = reply(550, "5.7.1", "Sender address rejected: Access denied")
     return dataclasses.replace(
         delivered_record(),
         helo=None,
-        mail_from=Address(
-            address="x@example.org",
-            params={},
-            reply=reply(501, "5.5.4", "Syntax error in parameters or arguments", local=True),
-        ),
+        mail_from=Address(address="x@example.org", params={}, reply=refusal),
         recipients=(),
         body=None,
         size=None,
         body_sha256=None,
-        timeline=(Step(command="MAIL", at_ms=0.0, latency_ms=0.0, code=501, local=True),),
-        final_reply=reply(501, "5.5.4", "Syntax error in parameters or arguments", local=True),
+        timeline=(step("MAIL", 0.0, 12.5, 550),),
+        final_reply=refusal,
         outcome=Outcome.REJECTED,
-        duration_ms=0.0,
+        duration_ms=12.5,
+    )
+
+
+def upstream_failed_record() -> TransactionRecord:
+    """The upstream went away after RCPT; smtpwarden answered 421 itself."""
+    closing = reply(421, "4.4.2", "relay.example.com Upstream connection failed", local=True)
+    return dataclasses.replace(
+        delivered_record(),
+        recipients=(
+            Address(address="ops@example.net", params={}, reply=reply(250, "2.1.5", "Ok")),
+        ),
+        body=None,
+        size=None,
+        body_sha256=None,
+        timeline=(
+            step("MAIL", 0.0, 0.4, 250),
+            step("RCPT", 0.5, 0.6, 250),
+            Step(command="RCPT", at_ms=0.7, latency_ms=0.0, code=501, local=True),
+            step("DATA", 0.9, None, None),
+        ),
+        final_reply=closing,
+        outcome=Outcome.DEFERRED,
+        duration_ms=5.0,
     )
 
 
@@ -200,8 +221,8 @@ def test_schema_is_valid_draft_2020_12(schema: Json) -> None:
 
 @pytest.mark.parametrize(
     "record",
-    [delivered_record(), lost_record(), refused_record()],
-    ids=["delivered", "lost-outcome", "refused-locally"],
+    [delivered_record(), lost_record(), rejected_record(), upstream_failed_record()],
+    ids=["delivered", "lost-outcome", "rejected", "upstream-failed"],
 )
 def test_transaction_records_validate(record: TransactionRecord) -> None:
     validator(TRANSACTION_SCHEMA).validate(as_json(record))

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import secrets
 import signal
@@ -22,8 +24,10 @@ import time
 
 from smtpwarden.config import Config, UpstreamConfig
 from smtpwarden.net.loop import loop_factory
-from smtpwarden.net.session import ListenerContext, Session, Target
+from smtpwarden.net.replies import LocalReplies
+from smtpwarden.net.session import ListenerContext, Session
 from smtpwarden.net.sink import start_sink
+from smtpwarden.net.upstream import Target
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
 
@@ -62,8 +66,13 @@ class Relay:
         for upstream in config.upstreams:
             targets[upstream.name] = await self._target(upstream)
         prefix = secrets.token_hex(3)
-        counter = [0]
+        serial = itertools.count(1)
+
+        def next_id() -> str:
+            return f"{prefix}{next(serial):07x}"
+
         policy = ExtensionPolicy(chunking=True)
+        replies = LocalReplies.for_host(config.hostname)
         for listener in config.listeners:
             ctx = ListenerContext(
                 name=listener.name,
@@ -72,14 +81,14 @@ class Relay:
                 records=self.records,
                 sessions=self.sessions,
                 policy=policy,
+                replies=replies,
                 epoch_offset=time.time() - time.monotonic(),
-                next_id=counter,
-                id_prefix=prefix,
+                next_id=next_id,
                 on_end=self._session_ended,
             )
             self._contexts.append(ctx)
             self.servers[listener.name] = await loop.create_server(
-                lambda ctx=ctx: Session(ctx),  # type: ignore[misc]
+                functools.partial(Session, ctx, ctx.upstream_record),
                 listener.host,
                 listener.port,
                 reuse_address=True,

@@ -10,12 +10,13 @@ Rules kept here:
   them; body chunks are written as received, never joined or copied.
 - A client that goes away before its message is complete leaves the upstream
   with an incomplete DATA or BDAT: the upstream connection is aborted, so no
-  end of data can follow (PRODUCT.md, invariant 6 keeps the listener up).
+  end of data can follow.
 - smtpwarden never answers 2xx to the end of a message itself: every such
-  reply is the upstream's (invariant 1).
-- Reading from one side pauses while the other side's write buffer is above
-  its high-water mark, while DATA awaits the upstream's verdict, and while
-  too many pipelined commands await replies.
+  reply is the upstream's (PRODUCT.md, invariant 1).
+- Reading from the client pauses while the upstream's write buffer is full,
+  while DATA awaits the upstream's verdict, and while too many pipelined
+  commands await replies (``flow.Hold``); reading from the upstream pauses
+  while the client's write buffer is full.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from smtpwarden.config import Config, TimeoutsConfig
+from smtpwarden.config import Config
+from smtpwarden.net import upstream as upstream_leg
+from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
+from smtpwarden.net.replies import LocalReplies
+from smtpwarden.net.upstream import Target, reply_timeout
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.errors import MalformedReply, RemoteProtocolError
 from smtpwarden.protocol.events import PAUSED, BadCommand, Bdat, Body, Command, Signal, Verb
@@ -44,29 +49,14 @@ log = logging.getLogger("smtpwarden.session")
 # resolution (uvloop's loop.time() counts whole milliseconds).
 _now = time.monotonic
 
-# Write buffer high-water mark per side: past it, reading from the other side
-# pauses. 64 KiB is asyncio's own default and keeps a session's memory small.
-WRITE_HIGH_WATER_BYTES = 64 * 1024
 # After a closing reply, how long to keep reading (and dropping) what the
-# client still sends, so that our reply is read rather than lost to a reset.
+# client still sends, so that the reply is read rather than lost to a reset.
 LINGER_S = 2.0
 
-# Why reading from the client is paused; reading resumes when none is left.
-_FLOW = 1  # the upstream's write buffer is full
-_VERDICT = 2  # DATA awaits the upstream's 354 or refusal
-_QUEUE = 4  # too many commands await replies
-_CONNECT = 8  # the upstream is not ready yet
-
+# Never relayed. XCLIENT and XFORWARD are smtpwarden's own to send upstream;
+# STARTTLS and AUTH need listener support. None of them is offered in EHLO.
 _NOT_RELAYED = frozenset({Verb.XCLIENT, Verb.XFORWARD, Verb.STARTTLS, Verb.AUTH})
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Target:
-    """Where a listener relays to."""
-
-    name: str
-    host: str
-    port: int
+_NO_TLS = Tls()
 
 
 @dataclass(slots=True, kw_only=True)
@@ -79,88 +69,49 @@ class ListenerContext:
     records: RecordLog
     sessions: set[Session]
     policy: ExtensionPolicy
+    replies: LocalReplies
     epoch_offset: float
-    next_id: list[int]
-    id_prefix: str
+    next_id: Callable[[], str]
     on_end: Callable[[], None]
     draining: bool = False
 
-
-def _timeout_for(entry: Awaiting, timeouts: TimeoutsConfig) -> float:
-    # RFC 5321 4.5.3.2: each reply has its own deadline.
-    match entry.name:
-        case "CONNECT":
-            return timeouts.banner
-        case "MAIL":
-            return timeouts.mail
-        case "RCPT":
-            return timeouts.rcpt
-        case "DATA":
-            return timeouts.data_init
-        case "." | "BDAT LAST":
-            return timeouts.data_end
-        case "BDAT":
-            return timeouts.data_block
-        case _:
-            return timeouts.reply
-
-
-class _UpstreamProtocol(asyncio.Protocol):
-    """Hands the upstream connection's callbacks to its session."""
-
-    __slots__ = ("session",)
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-
-    def data_received(self, data: bytes) -> None:
-        self.session.upstream_data(data)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.upstream_lost()
-
-    def pause_writing(self) -> None:
-        self.session.pause_client(_FLOW)
-
-    def resume_writing(self) -> None:
-        self.session.resume_client(_FLOW)
+    @property
+    def upstream_record(self) -> Upstream:
+        """The upstream as records show it."""
+        target = self.target
+        return Upstream(name=target.name, address=target.host, port=target.port)
 
 
 class Session(asyncio.Protocol):
     """One client connection relayed to one upstream connection."""
 
     client: asyncio.Transport
+    gate: ReadGate
     tracker: SessionTracker
 
-    def __init__(self, ctx: ListenerContext) -> None:
+    def __init__(self, ctx: ListenerContext, upstream: Upstream) -> None:
         self.ctx = ctx
-        self.loop = asyncio.get_running_loop()
+        self._upstream_record = upstream
         limits = ctx.config.limits
         self.core = ServerConnection(max_line_bytes=limits.max_command_line_bytes)
         self.reader = ReplyReader(
             max_line_bytes=limits.max_reply_line_bytes, max_lines=limits.max_reply_lines
         )
         self.upstream: asyncio.Transport | None = None
+        self._connector: asyncio.Task[None] | None = None
         self._closed = False
         self._to_client: list[bytes] = []
-        self._paused = 0
-        self._chunking = False
-        self._in_body = False
-        self._chunk_last = False
-        self._body_kind = ""
-        self._client_eof = False
-        self._chunk_dropped = False
+        self._chunking = False  # the upstream offered CHUNKING
+        self._in_body = False  # a message is on its way upstream, not yet ended
+        self._body_kind = ""  # "data" or "bdat" for the message being sent
+        self._chunk_last = False  # the current BDAT chunk is the LAST one
+        self._chunk_dropped = False  # the current BDAT chunk was refused locally
         self._quitting = False
+        self._client_eof = False
         self._lingering = False
         self._last_client = _now()
         self._client_bytes = 0
         self._upstream_bytes = 0
-        self._connector: asyncio.Task[None] | None = None
-
-    # -- the client's connection ---------------------------------------------
 
     @property
     def closed(self) -> bool:
@@ -171,41 +122,38 @@ class Session(asyncio.Protocol):
         # A call, not the property: handlers may end the session mid-loop.
         return self._closed
 
+    # -- the client's connection ---------------------------------------------
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop transports implement the interface without subclassing it.
-        self.client = cast(asyncio.Transport, transport)
-        self.client.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        client = self.client = cast(asyncio.Transport, transport)
+        client.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        self.gate = ReadGate(client)
         ctx = self.ctx
-        now = _now()
-        ctx.next_id[0] += 1
-        host, port = transport.get_extra_info("peername")[:2]
-        target = ctx.target
+        host, port = client.get_extra_info("peername")[:2]
         info = SessionInfo(
-            session_id=f"{ctx.id_prefix}{ctx.next_id[0]:07x}",
+            session_id=ctx.next_id(),
             listener=ctx.name,
             client=Peer(address=host, port=port),
-            upstream=Upstream(name=target.name, address=target.host, port=target.port),
-            tls=Tls(),
+            upstream=self._upstream_record,
+            tls=_NO_TLS,
         )
-        self.tracker = SessionTracker(info=info, now=now, epoch_offset=ctx.epoch_offset)
+        self.tracker = SessionTracker(info=info, now=_now(), epoch_offset=ctx.epoch_offset)
         ctx.sessions.add(self)
         if len(ctx.sessions) > ctx.config.limits.max_connections:
-            # RFC 5321 3.8 allows 421 at connection time; RFC 3463 X.7.0.
-            self._end(
-                make_reply(421, "4.7.0", self._text("Too many connections, try again later")),
-                "connection_limit",
-            )
+            # RFC 5321 3.8 allows 421 at connection time.
+            self._end(ctx.replies.too_many_connections, "connection_limit")
             return
         if ctx.draining:
-            self._end(make_reply(421, "4.3.2", self._text("Service shutting down")), "shutdown")
+            self._end(ctx.replies.shutting_down, "shutdown")
             return
-        self.pause_client(_CONNECT)
-        self._connector = self.loop.create_task(self._connect())
+        self.gate.pause(Hold.CONNECT)
+        self._connector = asyncio.get_running_loop().create_task(self._connect())
 
     def data_received(self, data: bytes) -> None:
         self._client_bytes += len(data)
         self._last_client = _now()
-        if self._lingering or self.closed:
+        if self._lingering or self._closed:
             return
         self.core.receive_data(data)
         self._pump_client()
@@ -214,7 +162,7 @@ class Session(asyncio.Protocol):
     def eof_received(self) -> bool:
         # A client may half-close after its last pipelined command and still
         # read the replies: keep writing until they have all been relayed.
-        if self.closed:
+        if self._closed:
             return False
         self._client_eof = True
         if self.tracker.awaiting and not self._in_body and self.upstream is not None:
@@ -223,11 +171,9 @@ class Session(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed:
+        if not self._closed:
             self._client_gone("client_lost")
         self.ctx.sessions.discard(self)
-        if self._connector is not None:
-            self._connector.cancel()
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -237,26 +183,12 @@ class Session(asyncio.Protocol):
         if self.upstream is not None and not self.upstream.is_closing():
             self.upstream.resume_reading()
 
-    def pause_client(self, reason: int) -> None:
-        """Stop reading from the client until ``resume_client(reason)``."""
-        if not self._paused and not self.client.is_closing():
-            self.client.pause_reading()
-        self._paused |= reason
-
-    def resume_client(self, reason: int) -> None:
-        """Lift one reason to pause; read again when none is left."""
-        if not self._paused & reason:
-            return
-        self._paused &= ~reason
-        if not self._paused and not self.client.is_closing():
-            self.client.resume_reading()
-
-    # -- client events ---------------------------------------------------------
+    # -- what the client sends -------------------------------------------------
 
     def _pump_client(self) -> None:
         core = self.core
         limit = self.ctx.config.limits.max_pipelined_commands
-        while not self.closed:
+        while not self._has_ended():
             try:
                 event = core.next_event()
             except RemoteProtocolError as refused:
@@ -269,7 +201,7 @@ class Session(asyncio.Protocol):
                 return
             if isinstance(event, Signal):
                 if event is PAUSED:
-                    self.pause_client(_VERDICT)
+                    self.gate.pause(Hold.VERDICT)
                 return
             if isinstance(event, Body):
                 self._on_body(event)
@@ -279,35 +211,29 @@ class Session(asyncio.Protocol):
             else:
                 self._on_command(event)
             if self.tracker.awaiting >= limit:
-                self.pause_client(_QUEUE)
+                self.gate.pause(Hold.QUEUE)
                 return
 
     def _on_command(self, command: Command) -> None:
-        verb = command.verb
         upstream = self.upstream
-        if upstream is None:
+        if upstream is None:  # reading starts only once the upstream is there
             return
+        verb = command.verb
+        replies = self.ctx.replies
         if verb in _NOT_RELAYED:
-            # Not offered in EHLO: XCLIENT and XFORWARD are smtpwarden's own
-            # to send upstream; TLS and AUTH need listener support.
-            self._answer(command, verb, make_reply(502, "5.5.1", "Command not implemented"))
+            self._answer(command, verb, replies.not_implemented)
             return
-        if (
-            self.ctx.draining
-            and not self.tracker.in_transaction
-            and verb in (Verb.MAIL, Verb.HELO, Verb.EHLO)
-        ):
-            self._end(make_reply(421, "4.3.2", self._text("Service shutting down")), "shutdown")
+        if self.ctx.draining and not self.tracker.in_transaction and verb is Verb.MAIL:
+            self._end(replies.shutting_down, "shutdown")
             return
         if isinstance(command, Bdat):
             self._chunk_last = command.last
-            if not self._chunking:
-                # CHUNKING was not offered; the chunk that follows is read
-                # and dropped so the stream stays in step (RFC 3030 2).
-                self._chunk_dropped = True
-                self._answer(command, verb, make_reply(502, "5.5.1", "CHUNKING not offered"))
+            self._chunk_dropped = not self._chunking
+            if self._chunk_dropped:
+                # The chunk that follows is read and dropped so the stream
+                # stays in step (RFC 3030 2: the size says where it ends).
+                self._answer(command, verb, replies.chunking_not_offered)
                 return
-            self._chunk_dropped = False
             self._in_body = True
             self._body_kind = "bdat"
         elif verb is Verb.DATA:
@@ -323,9 +249,10 @@ class Session(asyncio.Protocol):
         upstream = self.upstream
         if self._chunk_dropped or upstream is None:
             return
-        upstream.write(body.data)
-        self._upstream_bytes += len(body.data)
-        self.tracker.body(body.data)
+        data = body.data
+        upstream.write(data)
+        self._upstream_bytes += len(data)
+        self.tracker.body(data)
         if body.done and (self._body_kind == "data" or self._chunk_last):
             self._in_body = False
             self.tracker.end_of_body(_now())
@@ -335,44 +262,31 @@ class Session(asyncio.Protocol):
         if out:
             self._to_client.append(out)
 
-    # -- upstream events -------------------------------------------------------
+    # -- what the upstream sends -----------------------------------------------
 
     async def _connect(self) -> None:
         target = self.ctx.target
-        timeouts = self.ctx.config.timeouts
         try:
-            async with asyncio.timeout(timeouts.connect):
-                transport, _ = await self.loop.create_connection(
-                    lambda: _UpstreamProtocol(self), target.host, target.port
-                )
+            transport = await upstream_leg.connect(target, self, self.ctx.config.timeouts.connect)
         except (OSError, TimeoutError) as error:
+            self._connector = None
             log.warning(
                 "session %s: upstream %s unreachable: %s",
                 self.tracker.info.session_id,
                 target.name,
                 str(error) or "timeout",
             )
-            if not self.closed:
-                self._end(
-                    make_reply(
-                        421, "4.4.1", self._text("Upstream server unavailable, try again later")
-                    ),
-                    "upstream_unreachable",
-                    failed=True,
-                )
+            self._end(self.ctx.replies.upstream_unavailable, "upstream_unreachable", failed=True)
             return
-        finally:
-            self._connector = None
-        upstream = transport
-        if self.closed:
-            upstream.abort()
-            return
-        upstream.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
-        self.upstream = upstream
+        self._connector = None
+        if self._closed:
+            transport.abort()
+        else:
+            self.upstream = transport
 
     def upstream_data(self, data: bytes) -> None:
         """Handle bytes from the upstream: replies, paired and forwarded."""
-        if self.closed:
+        if self._closed:
             return
         reader = self.reader
         tracker = self.tracker
@@ -388,9 +302,8 @@ class Session(asyncio.Protocol):
                 break
             entry = tracker.upstream_reply(reply, now)
             if entry is None:
-                self._upstream_failed(
-                    f"reply nobody asked for: {reply.raw[:80]!r}", "upstream_unsolicited"
-                )
+                why = f"reply nobody asked for: {reply.raw[:80]!r}"
+                self._upstream_failed(why, "upstream_unsolicited")
                 return
             self._on_reply(entry, reply)
             ready = tracker.ready_replies(now)
@@ -410,11 +323,12 @@ class Session(asyncio.Protocol):
         if (self._quitting or self._client_eof) and not tracker.awaiting:
             self._end(None, "quit" if self._quitting else "client_closed")
             return
+        gate = self.gate
         if (
-            self._paused & _QUEUE
+            gate.holds(Hold.QUEUE)
             and tracker.awaiting < self.ctx.config.limits.max_pipelined_commands
         ):
-            self.resume_client(_QUEUE)
+            gate.resume(Hold.QUEUE)
             self._pump_client()
             self._flush()
         if self.ctx.draining:
@@ -434,77 +348,67 @@ class Session(asyncio.Protocol):
                 else:
                     self._in_body = False
                     self.core.refuse_data()
-                self.resume_client(_VERDICT)
+                self.gate.resume(Hold.VERDICT)
                 self._pump_client()
             case None if entry.name == "CONNECT":
                 out.append(reply.raw)
-                self.resume_client(_CONNECT)
+                self.gate.resume(Hold.CONNECT)
             case _:
                 out.append(reply.raw)
 
     def upstream_lost(self) -> None:
         """The upstream connection closed."""
-        if not self.closed:
+        if not self._closed:
             self._upstream_failed("connection lost", "upstream_lost")
+
+    def upstream_full(self) -> None:
+        """The upstream's write buffer passed its high-water mark."""
+        self.gate.pause(Hold.FLOW)
+
+    def upstream_drained(self) -> None:
+        """The upstream's write buffer drained below its low-water mark."""
+        self.gate.resume(Hold.FLOW)
 
     def _upstream_failed(self, why: str, reason: str) -> None:
         log.warning(
             "session %s: upstream %s: %s", self.tracker.info.session_id, self.ctx.target.name, why
         )
         self._abort_upstream()
-        self._end(
-            make_reply(421, "4.4.2", self._text("Upstream connection failed, try again later")),
-            reason,
-            failed=True,
-        )
+        self._end(self.ctx.replies.upstream_failed, reason, failed=True)
 
     # -- deadlines and shutdown ------------------------------------------------
 
     def check_deadline(self, now: float) -> None:
         """Close the session if the phase it is in has run out of time."""
-        if self.closed:
-            return
+        if self._closed or self._connector is not None:
+            return  # connecting has a timeout of its own
         timeouts = self.ctx.config.timeouts
         entry = self.tracker.oldest()
-        if self.upstream is None and self._connector is not None:
-            return  # the connect has its own timeout
         if entry is not None and entry.local is None:
-            if now - entry.sent_at > _timeout_for(entry, timeouts):
+            if now - entry.sent_at > reply_timeout(entry, timeouts):
                 self._abort_upstream()
-                reply = make_reply(421, "4.4.2", self._text("Upstream server timed out"))
-                self._end(reply, "upstream_timeout", failed=True)
+                self._end(self.ctx.replies.upstream_timeout, "upstream_timeout", failed=True)
             return
-        state = self.core.state
-        idle = (
-            timeouts.data_block
-            if state in (ServerState.DATA, ServerState.CHUNK)
-            else timeouts.command
-        )
+        reading_body = self.core.state in (ServerState.DATA, ServerState.CHUNK)
+        idle = timeouts.data_block if reading_body else timeouts.command
         if now - self._last_client > idle:
             if self._in_body:
                 self._abort_upstream()
-            self._end(
-                make_reply(
-                    421, "4.4.2", self._text("Timeout waiting for client, closing connection")
-                ),
-                "client_timeout",
-            )
+            self._end(self.ctx.replies.client_timeout, "client_timeout")
 
     def drain(self) -> None:
         """Close now if between transactions; the relay is shutting down."""
-        if self.closed or self.tracker.awaiting or self.tracker.in_transaction or self._in_body:
+        if self._closed or self.tracker.awaiting or self.tracker.in_transaction or self._in_body:
             return
-        self._end(make_reply(421, "4.3.2", self._text("Service shutting down")), "shutdown")
+        self._end(self.ctx.replies.shutting_down, "shutdown")
 
     def force_close(self) -> None:
         """Close now whatever the phase: the shutdown deadline has passed."""
-        if self.closed:
+        if self._closed:
             return
         if self._in_body:
             self._abort_upstream()
-        self._end(
-            make_reply(421, "4.3.2", self._text("Service shutting down")), "shutdown", failed=True
-        )
+        self._end(self.ctx.replies.shutting_down, "shutdown", failed=True)
 
     # -- closing ---------------------------------------------------------------
 
@@ -545,7 +449,9 @@ class Session(asyncio.Protocol):
             failure = ReplyInfo.of(reply, local=True)
         upstream = self.upstream
         if upstream is not None:
-            if not upstream.is_closing() and not self._quitting:
+            # Between transactions: take leave politely. Every path that
+            # ends a session mid-message has aborted the upstream already.
+            if not self._quitting:
                 upstream.write(b"QUIT\r\n")
             upstream.close()
             self.upstream = None
@@ -573,10 +479,8 @@ class Session(asyncio.Protocol):
             # the reply before the client reads it.
             client.write_eof()
             self._lingering = True
-            if self._paused:
-                self._paused = 0
-                client.resume_reading()
-            self.loop.call_later(LINGER_S, client.close)
+            self.gate.release()
+            asyncio.get_running_loop().call_later(LINGER_S, client.close)
         else:
             client.close()
 
@@ -593,6 +497,3 @@ class Session(asyncio.Protocol):
         for record in self.tracker.records:
             records.write(record)
         self.tracker.records.clear()
-
-    def _text(self, text: str) -> str:
-        return f"{self.ctx.config.hostname} {text}"

@@ -1,0 +1,59 @@
+"""Flow control: when to stop reading from a peer.
+
+Reading from the client pauses for several independent reasons, and resumes
+only when none is left. Keeping the reasons apart avoids the classic bug
+where one reason's "resume" undoes another's "pause".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+
+# Write buffer high-water mark per side: past it, reading from the other side
+# pauses. 64 KiB is asyncio's own default and keeps a session's memory small.
+WRITE_HIGH_WATER_BYTES = 64 * 1024
+
+
+class Hold(enum.IntFlag):
+    """Why reading from the client is paused."""
+
+    FLOW = 1  # the upstream's write buffer is above its high-water mark
+    VERDICT = 2  # DATA awaits the upstream's 354 or refusal
+    QUEUE = 4  # too many pipelined commands await replies
+    CONNECT = 8  # the upstream is not ready yet
+
+
+class ReadGate:
+    """Pauses and resumes reading from one transport, reason by reason."""
+
+    __slots__ = ("_holds", "_transport")
+
+    def __init__(self, transport: asyncio.ReadTransport) -> None:
+        self._transport = transport
+        self._holds = 0
+
+    def holds(self, reason: Hold) -> bool:
+        """True while ``reason`` keeps reading paused."""
+        return bool(self._holds & reason)
+
+    def pause(self, reason: Hold) -> None:
+        """Stop reading until ``resume(reason)``."""
+        if not self._holds and not self._transport.is_closing():
+            self._transport.pause_reading()
+        self._holds |= reason
+
+    def resume(self, reason: Hold) -> None:
+        """Lift one reason; read again when none is left."""
+        if not self._holds & reason:
+            return
+        self._holds &= ~reason
+        if not self._holds and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def release(self) -> None:
+        """Drop every reason and read again (to drain before closing)."""
+        if self._holds:
+            self._holds = 0
+            if not self._transport.is_closing():
+                self._transport.resume_reading()

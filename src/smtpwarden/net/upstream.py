@@ -1,0 +1,87 @@
+"""The upstream leg: where a listener relays to, and its connection.
+
+The upstream connection's protocol object only hands its callbacks to the
+session; all decisions stay in ``session.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+from smtpwarden.config import TimeoutsConfig
+from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES
+from smtpwarden.protocol.tracker import Awaiting
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Target:
+    """Where a listener relays to."""
+
+    name: str
+    host: str
+    port: int
+
+
+class UpstreamEvents(Protocol):
+    """What a session does with its upstream connection's callbacks."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_lost(self) -> None: ...
+    def upstream_full(self) -> None: ...
+    def upstream_drained(self) -> None: ...
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """Hands the upstream connection's callbacks to its session."""
+
+    __slots__ = ("events",)
+
+    def __init__(self, events: UpstreamEvents) -> None:
+        self.events = events
+
+    def data_received(self, data: bytes) -> None:
+        self.events.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # a half-closed upstream is a closed upstream
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.upstream_lost()
+
+    def pause_writing(self) -> None:
+        self.events.upstream_full()
+
+    def resume_writing(self) -> None:
+        self.events.upstream_drained()
+
+
+async def connect(target: Target, events: UpstreamEvents, timeout_s: float) -> asyncio.Transport:
+    """Open a connection to ``target``; raises OSError or TimeoutError."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout_s):
+        transport, _ = await loop.create_connection(
+            lambda: UpstreamProtocol(events), target.host, target.port
+        )
+    transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+    return transport
+
+
+def reply_timeout(entry: Awaiting, timeouts: TimeoutsConfig) -> float:
+    """How long the upstream may take to answer ``entry`` (RFC 5321 4.5.3.2)."""
+    match entry.name:
+        case "CONNECT":
+            return timeouts.banner  # 4.5.3.2.1
+        case "MAIL":
+            return timeouts.mail  # 4.5.3.2.2
+        case "RCPT":
+            return timeouts.rcpt  # 4.5.3.2.3
+        case "DATA":
+            return timeouts.data_init  # 4.5.3.2.4
+        case "." | "BDAT LAST":
+            return timeouts.data_end  # 4.5.3.2.6
+        case "BDAT":
+            return timeouts.data_block  # 4.5.3.2.5
+        case _:
+            return timeouts.reply
