@@ -230,6 +230,9 @@ def test_lost_outcome_is_unknown() -> None:
     )
     (record,) = s.tracker.records
     assert record.outcome is Outcome.UNKNOWN
+    # The message went out: its size and hash identify it for the operator.
+    assert record.size == 3
+    assert record.body_sha256 == hashlib.sha256(b"x\r\n").hexdigest()
     assert record.timeline[-1].command == "."
     assert record.timeline[-1].code is None
     assert session.end == "upstream_lost"

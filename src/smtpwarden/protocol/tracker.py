@@ -220,20 +220,20 @@ class SessionTracker:
         "unknown" (the RFC 1047 window); one the upstream failed, as
         "deferred"; one the client left, as "aborted".
         """
-        sent = False
+        sent: tuple[int, str] | None = None
         for entry in self._queue:
             command = entry.command
             if isinstance(command, MailFrom) and self._tx is None:
                 self._open(entry, command, None)
             self._step(entry, None, now)
-            sent = sent or entry.body is not None
+            sent = sent or entry.body
         self._queue.clear()
         if self._tx is not None:
-            if sent:
+            if sent is not None:
                 outcome = Outcome.UNKNOWN
             else:
                 outcome = Outcome.ABORTED if failure is None else Outcome.DEFERRED
-            self._finish(failure, outcome, now)
+            self._finish(failure, outcome, now, sent)
         info = self.info
         return SessionRecord(
             type="session",
