@@ -25,7 +25,7 @@ import time
 from smtpwarden.config import Config, UpstreamConfig
 from smtpwarden.net.loop import loop_factory
 from smtpwarden.net.replies import LocalReplies
-from smtpwarden.net.session import ListenerContext, Session
+from smtpwarden.net.session import LINGER_S, ListenerContext, Session
 from smtpwarden.net.sink import start_sink
 from smtpwarden.net.upstream import Target
 from smtpwarden.observe.txlog import RecordLog
@@ -51,7 +51,8 @@ class Relay:
         self._contexts: list[ListenerContext] = []
         self._tick: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
-        self._drained = asyncio.Event()
+        self._drained = asyncio.Event()  # no session left open
+        self._gone = asyncio.Event()  # no client connection left
 
     def address(self, listener: str) -> tuple[str, int]:
         """The address a listener is bound to (useful with port 0)."""
@@ -149,12 +150,16 @@ class Relay:
             server.close()
         for session in list(self.sessions):
             session.drain()
-        if self._open_sessions():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
-                    await self._drained.wait()
+        self._session_ended()
+        await self._wait(self._drained, grace)
         for session in list(self.sessions):
             session.force_close()
+        # Closed sessions linger so that clients read the closing reply; give
+        # them that moment, then close what is still connected.
+        await self._wait(self._gone, LINGER_S)
+        for session in list(self.sessions):
+            session.abandon()
+        await self._wait(self._gone, LINGER_S)
         if self._tick is not None:
             self._tick.cancel()
         for sink in self.sinks.values():
@@ -166,8 +171,17 @@ class Relay:
         return any(not session.closed for session in self.sessions)
 
     def _session_ended(self) -> None:
-        if self._contexts and self._contexts[0].draining and not self._open_sessions():
-            self._drained.set()
+        if self._contexts and self._contexts[0].draining:
+            if not self._open_sessions():
+                self._drained.set()
+            if not self.sessions:
+                self._gone.set()
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
 
     def close_log(self) -> None:
         """Flush and close the transaction log."""

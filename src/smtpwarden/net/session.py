@@ -72,7 +72,7 @@ class ListenerContext:
     replies: LocalReplies
     epoch_offset: float
     next_id: Callable[[], str]
-    on_end: Callable[[], None]
+    on_end: Callable[[], None]  # a session ended, or its client connection closed
     draining: bool = False
 
     @property
@@ -174,6 +174,7 @@ class Session(asyncio.Protocol):
         if not self._closed:
             self._client_gone("client_lost")
         self.ctx.sessions.discard(self)
+        self.ctx.on_end()
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
@@ -247,7 +248,10 @@ class Session(asyncio.Protocol):
 
     def _on_body(self, body: Body) -> None:
         upstream = self.upstream
-        if self._chunk_dropped or upstream is None:
+        if self._chunk_dropped:
+            self._chunk_dropped = not body.done
+            return
+        if upstream is None:
             return
         data = body.data
         upstream.write(data)
@@ -409,6 +413,10 @@ class Session(asyncio.Protocol):
         if self._in_body:
             self._abort_upstream()
         self._end(self.ctx.replies.shutting_down, "shutdown", failed=True)
+
+    def abandon(self) -> None:
+        """Close the client connection now, lingering or not (process exit)."""
+        self.client.close()
 
     # -- closing ---------------------------------------------------------------
 

@@ -293,7 +293,12 @@ class SessionTracker:
         )
 
     def _answer(self, entry: Awaiting, reply: Reply, now: float) -> None:
-        local = entry.local is not None
+        if entry.local is not None:
+            # smtpwarden answered: the upstream never saw the command, so
+            # its transaction goes on unchanged. Only the timeline shows it.
+            self._step(entry, reply, now)
+            return
+        local = False
         command = entry.command
         tx = self._tx
         if isinstance(command, MailFrom) and tx is None:
@@ -340,7 +345,7 @@ class SessionTracker:
                         self._finish(
                             ReplyInfo.of(reply, local=local), outcome_of(reply), now, entry.body
                         )
-            case None:  # the end of DATA
+            case None if entry.name == ".":
                 self._step(entry, reply, now)
                 if tx is not None:
                     self._finish(
