@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from corehelpers import read_replies, splits
 from hypothesis import given
 from hypothesis import strategies as st
 
+from corehelpers import read_replies, splits
 from smtpwarden.protocol.errors import MalformedReply, RemoteProtocolError
 from smtpwarden.protocol.replies import Reply, ReplyReader, make_reply, parse_reply
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from corehelpers import splits, summarize_server
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from corehelpers import splits, summarize_server
 from smtpwarden.protocol.errors import LocalProtocolError, RemoteProtocolError
 from smtpwarden.protocol.events import NEED_DATA, PAUSED, BadCommand, Bdat, Body, MailFrom
 from smtpwarden.protocol.server import ServerConnection

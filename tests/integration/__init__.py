@@ -1,0 +1,1 @@
+"""Integration tests: the relay over real sockets with real clients and upstreams."""

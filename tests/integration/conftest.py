@@ -1,0 +1,121 @@
+"""Fixtures of the integration suite: relays, upstreams and external peers.
+
+Every relay test runs once per event loop (``loop_kind``). Relays started
+with ``start_relay`` are stopped after the test, and their whole log is then
+checked: every record against its JSON Schema, one record per transaction
+and per session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from integration.external_tools import SmtpSink, require_tool
+from integration.recording_upstreams import AiosmtpdUpstream, RawUpstream
+from integration.relay_harness import (
+    STOP_TIMEOUT_S,
+    RunningRelay,
+    StartRelay,
+    check_log_invariants,
+    relay_config,
+)
+
+LOOP_KINDS = ("asyncio", "uvloop")
+
+
+@pytest.fixture(params=LOOP_KINDS)
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def start_relay(loop_kind: str, tmp_path: Path) -> Iterator[StartRelay]:
+    """Start relays in front of an upstream; each is stopped and its log checked."""
+    started: list[RunningRelay] = []
+
+    def start(
+        upstream: Mapping[str, object],
+        *,
+        limits: Mapping[str, object] | None = None,
+        timeouts: Mapping[str, float] | None = None,
+        shutdown: Mapping[str, float] | None = None,
+    ) -> RunningRelay:
+        log_path = tmp_path / f"transactions-{len(started)}.jsonl"
+        document = relay_config(
+            loop_kind=loop_kind,
+            upstream=upstream,
+            log_path=log_path,
+            limits=limits,
+            timeouts=timeouts,
+            shutdown=shutdown,
+        )
+        relay = RunningRelay(document, log_path)
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        if relay.is_alive and not relay.stopping:
+            # The test's clients are gone; let the relay see it before stopping.
+            relay.wait_idle()
+            relay.stop()
+        elif relay.is_alive:
+            relay.join(STOP_TIMEOUT_S)
+    for relay in started:
+        check_log_invariants(relay.records())
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[RawUpstream]:
+    upstream = RawUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture
+def make_raw_upstream() -> Iterator[Callable[..., RawUpstream]]:
+    made: list[RawUpstream] = []
+
+    def make(**kwargs: object) -> RawUpstream:
+        upstream = RawUpstream(**kwargs)  # type: ignore[arg-type]
+        made.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in made:
+        upstream.close()
+
+
+@pytest.fixture
+def aiosmtpd_upstream() -> Iterator[AiosmtpdUpstream]:
+    upstream = AiosmtpdUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture
+def make_smtp_sink() -> Iterator[Callable[..., SmtpSink]]:
+    made: list[SmtpSink] = []
+
+    def make(*, options: tuple[str, ...] = (), dump: bool = False) -> SmtpSink:
+        sink = SmtpSink(options=options, dump=dump)
+        made.append(sink)
+        return sink
+
+    yield make
+    for sink in made:
+        sink.close()
+
+
+@pytest.fixture
+def swaks() -> str:
+    return require_tool("swaks")
+
+
+@pytest.fixture
+def smtp_source() -> str:
+    return require_tool("smtp-source")
