@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import smtpwarden.protocol
 
 FORBIDDEN = {
@@ -49,3 +51,26 @@ def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import asyncio\nfrom socket import socket\n", encoding="utf-8")
     assert {"asyncio", "socket"} <= imported_modules(bad)
+
+
+# Which project packages each part may import (STYLE.md: dependencies point
+# one way). The core is checked above, module by module.
+ALLOWED = {
+    "config": {"smtpwarden.configcheck"},
+    "configcheck": set(),
+    "observe": {"smtpwarden.protocol"},
+}
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED))
+def test_dependencies_point_one_way(part: str) -> None:
+    root = CORE.parent
+    files = sorted((root / part).glob("*.py")) if (root / part).is_dir() else [root / f"{part}.py"]
+    assert files
+    for path in files:
+        for name in imported_modules(path):
+            if name.startswith("smtpwarden."):
+                allowed = ALLOWED[part] | {f"smtpwarden.{part}"}
+                assert any(name.startswith(prefix) for prefix in allowed), (
+                    f"{path.name} imports {name}"
+                )

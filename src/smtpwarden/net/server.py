@@ -23,9 +23,10 @@ import signal
 import time
 
 from smtpwarden.config import Config, UpstreamConfig
+from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.loop import loop_factory
 from smtpwarden.net.replies import LocalReplies
-from smtpwarden.net.session import LINGER_S, ListenerContext, Session
+from smtpwarden.net.session import LINGER_S, Session
 from smtpwarden.net.sink import start_sink
 from smtpwarden.net.upstream import Target
 from smtpwarden.observe.txlog import RecordLog

@@ -24,19 +24,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
 
-from smtpwarden.config import Config
-from smtpwarden.net import upstream as upstream_leg
+from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
-from smtpwarden.net.replies import LocalReplies
-from smtpwarden.net.upstream import Target, reply_timeout
-from smtpwarden.observe.txlog import RecordLog
+from smtpwarden.net.upstream import connect, reply_timeout
 from smtpwarden.protocol.errors import MalformedReply, RemoteProtocolError
 from smtpwarden.protocol.events import PAUSED, BadCommand, Bdat, Body, Command, Signal, Verb
-from smtpwarden.protocol.extensions import ExtensionPolicy, reconcile
+from smtpwarden.protocol.extensions import reconcile
 from smtpwarden.protocol.records import Peer, ReplyInfo, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import Reply, ReplyReader, make_reply
 from smtpwarden.protocol.server import ServerConnection
@@ -57,29 +52,6 @@ LINGER_S = 2.0
 # STARTTLS and AUTH need listener support. None of them is offered in EHLO.
 _NOT_RELAYED = frozenset({Verb.XCLIENT, Verb.XFORWARD, Verb.STARTTLS, Verb.AUTH})
 _NO_TLS = Tls()
-
-
-@dataclass(slots=True, kw_only=True)
-class ListenerContext:
-    """What every session of one listener shares."""
-
-    name: str
-    target: Target
-    config: Config
-    records: RecordLog
-    sessions: set[Session]
-    policy: ExtensionPolicy
-    replies: LocalReplies
-    epoch_offset: float
-    next_id: Callable[[], str]
-    on_end: Callable[[], None]  # a session ended, or its client connection closed
-    draining: bool = False
-
-    @property
-    def upstream_record(self) -> Upstream:
-        """The upstream as records show it."""
-        target = self.target
-        return Upstream(name=target.name, address=target.host, port=target.port)
 
 
 class Session(asyncio.Protocol):
@@ -271,7 +243,7 @@ class Session(asyncio.Protocol):
     async def _connect(self) -> None:
         target = self.ctx.target
         try:
-            transport = await upstream_leg.connect(target, self, self.ctx.config.timeouts.connect)
+            transport = await connect(target, self, self.ctx.config.timeouts.connect)
         except (OSError, TimeoutError) as error:
             self._connector = None
             log.warning(

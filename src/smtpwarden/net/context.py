@@ -1,0 +1,44 @@
+"""What the sessions of one listener share.
+
+Built once per listener by the relay; sessions read it and never change it,
+except ``draining``, which the relay sets when it shuts down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from smtpwarden.config import Config
+from smtpwarden.net.replies import LocalReplies
+from smtpwarden.net.upstream import Target
+from smtpwarden.observe.txlog import RecordLog
+from smtpwarden.protocol.extensions import ExtensionPolicy
+from smtpwarden.protocol.records import Upstream
+
+if TYPE_CHECKING:
+    from smtpwarden.net.session import Session
+
+
+@dataclass(slots=True, kw_only=True)
+class ListenerContext:
+    """What every session of one listener shares."""
+
+    name: str
+    target: Target
+    config: Config
+    records: RecordLog
+    sessions: set[Session]
+    policy: ExtensionPolicy
+    replies: LocalReplies
+    epoch_offset: float
+    next_id: Callable[[], str]
+    on_end: Callable[[], None]  # a session ended, or its client connection closed
+    draining: bool = False
+
+    @property
+    def upstream_record(self) -> Upstream:
+        """The upstream as records show it."""
+        target = self.target
+        return Upstream(name=target.name, address=target.host, port=target.port)
