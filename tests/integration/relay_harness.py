@@ -350,6 +350,23 @@ class WireClient:
         self.send(line)
         return self.expect(code)
 
+    def start_transaction(
+        self,
+        mail_from: bytes = b"MAIL FROM:<sender@example.org>",
+        rcpt_to: bytes = b"RCPT TO:<rcpt@example.net>",
+    ) -> bytes:
+        """Read the banner, say EHLO, MAIL and RCPT; return the EHLO reply."""
+        self.expect(220)
+        ehlo = self.command(b"EHLO client.test\r\n", 250)
+        self.command(mail_from + b"\r\n", 250)
+        self.command(rcpt_to + b"\r\n", 250)
+        return ehlo
+
+    def open_data(self) -> None:
+        """Start a transaction and send DATA, up to the 354."""
+        self.start_transaction()
+        self.command(b"DATA\r\n", 354)
+
     def closed_by_peer(self) -> bool:
         """True if the peer has closed (EOF) once all buffered replies are read."""
         if self.buf:

@@ -20,11 +20,7 @@ CHUNKS = [
 
 
 def start_transaction(client: WireClient) -> bytes:
-    client.expect(220)
-    ehlo = client.command(b"EHLO client.test\r\n", 250)
-    client.command(b"MAIL FROM:<sender@example.org> BODY=BINARYMIME\r\n", 250)
-    client.command(b"RCPT TO:<rcpt@example.net>\r\n", 250)
-    return ehlo
+    return client.start_transaction(mail_from=b"MAIL FROM:<sender@example.org> BODY=BINARYMIME")
 
 
 def test_bdat_chunks_reach_upstream_exactly(

@@ -26,21 +26,13 @@ DROP_POINTS = {
 }
 
 
-def open_data(client: WireClient) -> None:
-    client.expect(220)
-    client.command(b"EHLO client.test\r\n", 250)
-    client.command(b"MAIL FROM:<sender@example.org>\r\n", 250)
-    client.command(b"RCPT TO:<rcpt@example.net>\r\n", 250)
-    client.command(b"DATA\r\n", 354)
-
-
 @pytest.mark.parametrize("sent", DROP_POINTS.values(), ids=DROP_POINTS.keys())
 def test_client_dropping_mid_data_leaves_nothing_upstream(
     start_relay: StartRelay, raw_upstream: RawUpstream, sent: bytes
 ) -> None:
     relay = start_relay(raw_upstream.config)
     with WireClient(relay.address()) as client:
-        open_data(client)
+        client.open_data()
         client.send(sent)
 
     (conn,) = raw_upstream.wait_all_ended()
@@ -59,7 +51,7 @@ def test_client_dropping_mid_data_never_reaches_aiosmtpd_handler(
 ) -> None:
     relay = start_relay(aiosmtpd_upstream.config)
     with WireClient(relay.address()) as client:
-        open_data(client)
+        client.open_data()
         client.send(DROP_POINTS["after-crlf-dot"])
 
     aiosmtpd_upstream.wait_for(lambda: aiosmtpd_upstream.closed >= 1)
@@ -170,7 +162,7 @@ def test_client_stalled_mid_data_times_out(
 ) -> None:
     relay = start_relay(raw_upstream.config, timeouts={"data_block": 0.5})
     with WireClient(relay.address()) as client:
-        open_data(client)
+        client.open_data()
         client.send(b"Subject: stalled\r\n\r\nand then nothing")
         code, reply = client.reply()
         assert code == 421
@@ -224,7 +216,7 @@ def test_graceful_stop_closes_what_outlives_the_grace(
     relay = start_relay(raw_upstream.config)
     grace = 0.5
     with WireClient(relay.address()) as client:
-        open_data(client)
+        client.open_data()
         client.send(b"Subject: too slow\r\n\r\nstill writing")
         started = time.monotonic()
         stopping = relay.begin_stop(grace)

@@ -105,14 +105,6 @@ def stalling_upstream() -> Iterator[StallingUpstream]:
     upstream.close()
 
 
-def start_transaction(client: WireClient) -> None:
-    client.expect(220)
-    client.command(b"EHLO client.test\r\n", 250)
-    client.command(b"MAIL FROM:<big@example.org>\r\n", 250)
-    client.command(b"RCPT TO:<rcpt@example.net>\r\n", 250)
-    client.command(b"DATA\r\n", 354)
-
-
 def relay_state(relay: RunningRelay) -> tuple[bool, int, int]:
     """Whether the only session holds reading for FLOW, and what it buffers."""
 
@@ -132,7 +124,7 @@ def test_a_stalled_upstream_pauses_the_client_instead_of_buffering(
     line = b"x" * 998 + b"\r\n"
     body = line * (BIG_BODY_BYTES // len(line))
     with WireClient(relay.address(), timeout=WAIT_S * 3) as client:
-        start_transaction(client)
+        client.open_data()
         sender = threading.Thread(target=client.send, args=(body + b".\r\n",), daemon=True)
         sender.start()
         deadline = time.monotonic() + WAIT_S
@@ -164,7 +156,7 @@ def test_silence_after_the_dot_is_an_unknown_outcome(start_relay: StartRelay) ->
     try:
         relay = start_relay(upstream.config, timeouts={"data_end": 0.5})
         with WireClient(relay.address()) as client:
-            start_transaction(client)
+            client.open_data()
             client.send(b"hello\r\n.\r\n")
             raw = client.expect(421)
             assert raw.startswith(b"421 4.4.2 ")
