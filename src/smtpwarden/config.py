@@ -113,6 +113,12 @@ class LimitsConfig:
     max_reply_lines: int = 128
     # Commands awaiting upstream replies before reading from the client pauses.
     max_pipelined_commands: int = 100
+    # Recipients per message; more get 452 4.5.3. RFC 5321 4.5.3.1.8 asks
+    # for at least 100; 1000 is Postfix's smtpd_recipient_limit.
+    max_recipients: int = 1000
+    # Commands smtpwarden refuses itself before it closes the session with
+    # 421 4.7.0; 20 is Postfix's smtpd_hard_error_limit.
+    max_errors: int = 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,6 +192,8 @@ _LIMIT_RULES: Final[Mapping[str, Rule[int]]] = {
     "max_reply_line_bytes": Integer(512),
     "max_reply_lines": Integer(1),
     "max_pipelined_commands": Integer(1),
+    "max_recipients": Integer(100),
+    "max_errors": Integer(1),
 }
 _TIMEOUT_RULES: Final[Mapping[str, Rule[float]]] = {
     field.name: Seconds(allow_zero=False) for field in dataclasses.fields(TimeoutsConfig)

@@ -60,6 +60,8 @@ def problems(sections: Mapping[object, object]) -> tuple[str, ...]:
         pytest.param("limits.max_reply_line_bytes", 2048, id="max_reply_line_bytes"),
         pytest.param("limits.max_reply_lines", 128, id="max_reply_lines"),
         pytest.param("limits.max_pipelined_commands", 100, id="max_pipelined_commands"),
+        pytest.param("limits.max_recipients", 1000, id="max_recipients"),
+        pytest.param("limits.max_errors", 20, id="max_errors"),
         pytest.param("timeouts.connect", 30.0, id="connect"),
         pytest.param("timeouts.banner", 300.0, id="banner"),
         pytest.param("timeouts.command", 300.0, id="command"),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from corehelpers import read_replies, splits
 from smtpwarden.protocol.errors import MalformedReply, RemoteProtocolError
-from smtpwarden.protocol.replies import Reply, ReplyReader, make_reply, parse_reply
+from smtpwarden.protocol.replies import ReplyReader, make_reply, parse_reply
 
 EHLO = (
     b"250-mx.example.net Hello\r\n"
@@ -134,10 +134,6 @@ def test_make_reply_round_trips() -> None:
     assert make_reply(250, None, "ok").raw == b"250 ok\r\n"
 
 
-def test_category() -> None:
-    assert Reply(code=452, lines=(b"",), raw=b"452\r\n").category == 4
-
-
 @given(st.lists(st.binary(max_size=40), max_size=8))
 def test_any_input_parses_or_raises_a_protocol_error(chunks: list[bytes]) -> None:
     reader = ReplyReader(max_line_bytes=64, max_lines=4)
@@ -175,3 +171,27 @@ def test_valid_replies_survive_any_chunking(
     assert [r.code for r in got] == [code for code, _ in replies]
     assert [list(r.lines) for r in got] == [texts for _, texts in replies]
     assert b"".join(r.raw for r in got) == wire
+
+
+@pytest.mark.parametrize(
+    ("wire", "problem"),
+    [
+        (b"250 ok", "inside a reply line"),
+        (b"250-first\r\n", "inside a multi-line reply"),
+        (b"250-a\r\n250", "multi-line"),
+    ],
+    ids=["partial-line", "missing-final-line", "partial-final-line"],
+)
+def test_end_of_stream_inside_a_reply_is_named(wire: bytes, problem: str) -> None:
+    reader = ReplyReader()
+    reader.receive_data(wire)
+    assert reader.next_reply() is None
+    with pytest.raises(MalformedReply, match=problem):
+        reader.receive_eof()
+
+
+def test_end_of_stream_between_replies_is_fine() -> None:
+    reader = ReplyReader()
+    reader.receive_data(b"221 bye\r\n")
+    assert reader.next_reply() is not None
+    reader.receive_eof()

@@ -278,3 +278,63 @@ def test_released_body_never_holds_a_bare_line_ending(body: bytes, step: int) ->
         assert ("done", b"") in out
         assert released == b".\r\n" or released.endswith(b"\r\n.\r\n")
         assert released.count(b"\r\n.\r\n") <= 1
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"BDAT  5",
+        b"BDAT\t5",
+        b"BDAT 5 ",
+        b"BDAT 5  LAST",
+        b"BDAT 5\tLAST",
+        b"BDAT +5",
+        b"BDAT 12345678901",
+    ],
+    ids=[
+        "two-spaces",
+        "tab",
+        "trailing-space",
+        "two-spaces-last",
+        "tab-last",
+        "sign",
+        "eleven-digits",
+    ],
+)
+def test_loose_bdat_lines_are_refused_so_no_upstream_reads_them_differently(line: bytes) -> None:
+    out = summarize_server([line + b"\r\nNOOP\r\n"])
+    assert [kind for kind, _ in out] == ["bad", "NOOP"]
+    assert out[0][1].startswith((b"501 5.5.4 ", b"500 5.5.1 "))
+
+
+def test_bdat_chunk_beyond_32_bits_is_refused() -> None:
+    out = summarize_server([b"BDAT 2147483648\r\n"])
+    assert out == [("bad", b"552 5.3.4 Chunk too large\r\n")]
+    assert summarize_server([b"BDAT 2147483647\r\n"])[0][0] == "BDAT"
+
+
+def test_bdat_is_forwarded_in_canonical_form() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"bdat 0005 last\r\nabcde")
+    bdat = conn.next_event()
+    assert isinstance(bdat, Bdat)
+    assert bdat.wire == b"BDAT 5 LAST\r\n"
+    assert (bdat.size, bdat.last) == (5, True)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.binary(max_size=30), max_size=10))
+def test_refused_data_path_yields_events_or_a_protocol_error(chunks: list[bytes]) -> None:
+    conn = ServerConnection(max_line_bytes=40)
+    try:
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            while True:
+                event = conn.next_event()
+                if event is PAUSED:
+                    conn.refuse_data()
+                    continue
+                if event is NEED_DATA:
+                    break
+    except RemoteProtocolError:
+        assert conn.state is ServerState.ERROR

@@ -11,7 +11,7 @@ from smtpwarden.protocol.commands import parse_command
 from smtpwarden.protocol.events import Bdat, Command, Verb
 from smtpwarden.protocol.records import Outcome, Peer, ReplyInfo, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import make_reply, parse_reply
-from smtpwarden.protocol.tracker import MAX_SESSION_STEPS, SessionTracker
+from smtpwarden.protocol.tracker import MAX_SESSION_STEPS, MAX_TRANSACTION_STEPS, SessionTracker
 
 INFO = SessionInfo(
     session_id="s1",
@@ -304,3 +304,69 @@ def test_session_timeline_is_bounded() -> None:
         s.reply(b"250 ok\r\n")
     session = s.tracker.close(reason="quit", now=s.tick(), client_bytes=0, upstream_bytes=0)
     assert len(session.timeline) == MAX_SESSION_STEPS
+
+
+@pytest.mark.parametrize("refused", [b"RSET x", b"EHLO"], ids=["rset", "ehlo"])
+def test_a_refused_reset_keeps_the_transaction(refused: bytes) -> None:
+    s = Session()
+    s.send(b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>")
+    s.tracker.forwarded(
+        Command(verb=Verb(refused.split()[0].decode()), argument=b"", line=refused), s.tick()
+    )
+    s.send(b"DATA")
+    s.reply(b"250 ok\r\n", b"250 ok\r\n", b"501 5.5.4 Syntax\r\n", b"354 go\r\n")
+    s.body(b"x\r\n.\r\n")
+    s.end()
+    s.reply(b"250 queued\r\n")
+    (record,) = s.tracker.records
+    assert record.outcome is Outcome.DELIVERED
+    assert [step.command for step in record.timeline] == [
+        "MAIL",
+        "RCPT",
+        refused.split()[0].decode(),
+        "DATA",
+        ".",
+    ]
+
+
+def test_session_end_with_a_mail_pipelined_after_the_dot_writes_two_records() -> None:
+    s = Session()
+    s.send(b"MAIL FROM:<one@b>", b"RCPT TO:<c@d>", b"DATA")
+    s.reply(b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n")
+    s.body(b"x\r\n.\r\n")
+    s.end()
+    s.send(b"MAIL FROM:<two@b>", b"RCPT TO:<c@d>")
+    failure = ReplyInfo.of(make_reply(421, "4.4.2", "lost"), local=True)
+    s.tracker.close(
+        reason="upstream_lost", now=s.tick(), client_bytes=0, upstream_bytes=0, failure=failure
+    )
+    first, second = s.tracker.records
+    assert (first.mail_from.address, first.outcome) == ("one@b", Outcome.UNKNOWN)
+    assert [step.command for step in first.timeline] == ["MAIL", "RCPT", "DATA", "."]
+    assert (second.mail_from.address, second.outcome) == ("two@b", Outcome.DEFERRED)
+    assert [step.command for step in second.timeline] == ["MAIL", "RCPT"]
+    assert second.transaction_id == "s1.2"
+
+
+def test_a_transaction_timeline_is_bounded() -> None:
+    s = Session()
+    s.send(b"MAIL FROM:<a@b>")
+    s.reply(b"250 ok\r\n")
+    for _ in range(MAX_TRANSACTION_STEPS + 10):
+        s.send(b"NOOP")
+        s.reply(b"250 ok\r\n")
+    s.tracker.close(reason="quit", now=s.tick(), client_bytes=0, upstream_bytes=0)
+    (record,) = s.tracker.records
+    assert len(record.timeline) == MAX_TRANSACTION_STEPS
+
+
+def test_a_local_refusal_leaves_the_transaction_alone() -> None:
+    s = Session()
+    s.send(b"MAIL FROM:<a@b>", b"RCPT TO:<c@d>")
+    s.reply(b"250 ok\r\n", b"250 ok\r\n")
+    bdat = command(b"BDAT 3 LAST")
+    s.tracker.answered_locally(
+        bdat, Verb.BDAT, make_reply(502, "5.5.1", "CHUNKING not offered"), s.tick()
+    )
+    assert s.tracker.in_transaction
+    assert s.tracker.records == []

@@ -22,6 +22,7 @@ class Hold(enum.IntFlag):
     VERDICT = 2  # DATA awaits the upstream's 354 or refusal
     QUEUE = 4  # too many pipelined commands await replies
     CONNECT = 8  # the upstream is not ready yet
+    CLIENT = 16  # the client's write buffer is full: it is not reading replies
 
 
 class ReadGate:

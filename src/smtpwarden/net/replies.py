@@ -24,6 +24,8 @@ class LocalReplies:
     client_timeout: Reply
     not_implemented: Reply
     chunking_not_offered: Reply
+    too_many_recipients: Reply
+    too_many_errors: Reply
 
     @classmethod
     def for_host(cls, hostname: str) -> LocalReplies:
@@ -50,4 +52,9 @@ class LocalReplies:
             # RFC 5321 4.2.4: 502 for a command recognised but not implemented.
             not_implemented=make_reply(502, "5.5.1", "Command not implemented"),
             chunking_not_offered=make_reply(502, "5.5.1", "CHUNKING not offered"),
+            # RFC 5321 4.5.3.1.10: 452 for too many recipients; X.5.3.
+            too_many_recipients=make_reply(452, "4.5.3", "Too many recipients"),
+            too_many_errors=make_reply(
+                421, "4.7.0", f"{hostname} Too many errors, closing connection"
+            ),
         )

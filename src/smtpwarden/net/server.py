@@ -138,10 +138,15 @@ class Relay:
         tick = min(MAX_TICK_S, max(MIN_TICK_S, shortest / 4))
         while True:
             await asyncio.sleep(tick)
-            now = time.monotonic()
-            for session in list(self.sessions):
-                session.check_deadline(now)
-            self.records.flush()
+            try:
+                now = time.monotonic()
+                for session in list(self.sessions):
+                    session.check_deadline(now)
+                self.records.flush()
+            except Exception:
+                # The tick is what enforces every deadline: it must outlive
+                # any one session's failure.
+                log.exception("deadline check failed")
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, drain sessions for up to ``grace`` seconds, close."""

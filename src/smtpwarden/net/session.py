@@ -29,11 +29,11 @@ from typing import cast
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
 from smtpwarden.net.upstream import connect, reply_timeout
-from smtpwarden.protocol.errors import MalformedReply, RemoteProtocolError
+from smtpwarden.protocol.errors import LocalProtocolError, MalformedReply, RemoteProtocolError
 from smtpwarden.protocol.events import PAUSED, BadCommand, Bdat, Body, Command, Signal, Verb
 from smtpwarden.protocol.extensions import reconcile
 from smtpwarden.protocol.records import Peer, ReplyInfo, SessionInfo, Tls, Upstream
-from smtpwarden.protocol.replies import Reply, ReplyReader, make_reply
+from smtpwarden.protocol.replies import Reply, ReplyReader, reply_for
 from smtpwarden.protocol.server import ServerConnection
 from smtpwarden.protocol.state import ServerState
 from smtpwarden.protocol.tracker import Awaiting, SessionTracker
@@ -48,9 +48,6 @@ _now = time.monotonic
 # client still sends, so that the reply is read rather than lost to a reset.
 LINGER_S = 2.0
 
-# Never relayed. XCLIENT and XFORWARD are smtpwarden's own to send upstream;
-# STARTTLS and AUTH need listener support. None of them is offered in EHLO.
-_NOT_RELAYED = frozenset({Verb.XCLIENT, Verb.XFORWARD, Verb.STARTTLS, Verb.AUTH})
 _NO_TLS = Tls()
 
 
@@ -80,6 +77,10 @@ class Session(asyncio.Protocol):
         self._chunk_dropped = False  # the current BDAT chunk was refused locally
         self._quitting = False
         self._client_eof = False
+        self._errors = 0  # commands refused locally (limits.max_errors)
+        self._resume_pump = False  # buffered client input waits for the reply loop
+        self._recipients = 0  # RCPTs sent in the current transaction
+        self._stalled_since = 0.0  # when a full write buffer last paused a side
         self._lingering = False
         self._last_client = _now()
         self._client_bytes = 0
@@ -91,7 +92,9 @@ class Session(asyncio.Protocol):
         return self._closed
 
     def _has_ended(self) -> bool:
-        # A call, not the property: handlers may end the session mid-loop.
+        # The same as ``closed``, as a call: mypy keeps an attribute it has
+        # narrowed narrowed across calls that change it, and loops here call
+        # handlers that may end the session.
         return self._closed
 
     # -- the client's connection ---------------------------------------------
@@ -102,7 +105,10 @@ class Session(asyncio.Protocol):
         client.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         self.gate = ReadGate(client)
         ctx = self.ctx
-        host, port = client.get_extra_info("peername")[:2]
+        # uvloop gives no peer name for a client that reset the connection
+        # before this callback; the session still ends with its record.
+        peer = client.get_extra_info("peername") or ("", 0)
+        host, port = peer[0], peer[1]
         info = SessionInfo(
             session_id=ctx.next_id(),
             listener=ctx.name,
@@ -149,10 +155,15 @@ class Session(asyncio.Protocol):
         self.ctx.on_end()
 
     def pause_writing(self) -> None:
+        # The client is not reading what it is sent: stop producing more,
+        # from the upstream's replies and from local ones alike.
+        self._stalled_since = _now()
+        self.gate.pause(Hold.CLIENT)
         if self.upstream is not None:
             self.upstream.pause_reading()
 
     def resume_writing(self) -> None:
+        self.gate.resume(Hold.CLIENT)
         if self.upstream is not None and not self.upstream.is_closing():
             self.upstream.resume_reading()
 
@@ -166,11 +177,10 @@ class Session(asyncio.Protocol):
                 event = core.next_event()
             except RemoteProtocolError as refused:
                 # A bare CR or LF inside DATA: the message must never be
-                # completed upstream, so that connection is reset.
+                # completed upstream, so that connection is aborted.
                 log.info("session %s: %s", self.tracker.info.session_id, refused)
                 self._abort_upstream()
-                reply = make_reply(refused.code, refused.enhanced, refused.text)
-                self._end(reply, "bare_line_ending")
+                self._end(reply_for(refused), "bare_line_ending")
                 return
             if isinstance(event, Signal):
                 if event is PAUSED:
@@ -179,8 +189,7 @@ class Session(asyncio.Protocol):
             if isinstance(event, Body):
                 self._on_body(event)
             elif isinstance(event, BadCommand):
-                error = event.error
-                self._answer(None, event.verb, make_reply(error.code, error.enhanced, error.text))
+                self._refuse(None, event.verb, reply_for(event.error))
             else:
                 self._on_command(event)
             if self.tracker.awaiting >= limit:
@@ -189,33 +198,53 @@ class Session(asyncio.Protocol):
 
     def _on_command(self, command: Command) -> None:
         upstream = self.upstream
-        if upstream is None:  # reading starts only once the upstream is there
-            return
+        if upstream is None:
+            raise LocalProtocolError("a command to relay with no upstream connection")
         verb = command.verb
         replies = self.ctx.replies
-        if verb in _NOT_RELAYED:
-            self._answer(command, verb, replies.not_implemented)
-            return
-        if self.ctx.draining and not self.tracker.in_transaction and verb is Verb.MAIL:
-            self._end(replies.shutting_down, "shutdown")
-            return
-        if isinstance(command, Bdat):
-            self._chunk_last = command.last
-            self._chunk_dropped = not self._chunking
-            if self._chunk_dropped:
-                # The chunk that follows is read and dropped so the stream
-                # stays in step (RFC 3030 2: the size says where it ends).
-                self._answer(command, verb, replies.chunking_not_offered)
+        line = command.line
+        match verb:
+            case Verb.XCLIENT | Verb.XFORWARD | Verb.STARTTLS | Verb.AUTH:
+                # XCLIENT and XFORWARD are smtpwarden's own to send upstream;
+                # STARTTLS and AUTH need listener support. None is offered.
+                self._refuse(command, verb, replies.not_implemented)
                 return
-            self._in_body = True
-            self._body_kind = "bdat"
-        elif verb is Verb.DATA:
-            self._in_body = True
-            self._body_kind = "data"
-        elif verb is Verb.QUIT:
-            self._quitting = True
-        upstream.write(command.line)
-        self._upstream_bytes += len(command.line)
+            case Verb.MAIL:
+                if self.ctx.draining and not self.tracker.in_transaction:
+                    self._end(replies.shutting_down, "shutdown")
+                    return
+                self._recipients = 0
+            case Verb.RCPT:
+                if self._recipients >= self.ctx.config.limits.max_recipients:
+                    self._answer(command, verb, replies.too_many_recipients)
+                    return
+                self._recipients += 1
+            case Verb.BDAT:
+                assert isinstance(command, Bdat)  # noqa: S101 - the parser's type for BDAT
+                self._chunk_last = command.last
+                self._chunk_dropped = not self._chunking
+                if self._chunk_dropped:
+                    # The chunk that follows is read and dropped so the stream
+                    # stays in step (RFC 3030 2: the size says where it ends).
+                    self._refuse(command, verb, replies.chunking_not_offered)
+                    return
+                self._in_body = True
+                self._body_kind = "bdat"
+                line = command.wire
+            case Verb.DATA:
+                self._in_body = True
+                self._body_kind = "data"
+            case Verb.HELO:
+                self._chunking = False  # HELO offers no extensions (RFC 5321 4.1.1.1)
+                self._recipients = 0
+            case Verb.EHLO | Verb.RSET:
+                self._recipients = 0
+            case Verb.QUIT:
+                self._quitting = True
+            case _:
+                pass
+        upstream.write(line)
+        self._upstream_bytes += len(line)
         self.tracker.forwarded(command, _now())
 
     def _on_body(self, body: Body) -> None:
@@ -224,7 +253,7 @@ class Session(asyncio.Protocol):
             self._chunk_dropped = not body.done
             return
         if upstream is None:
-            return
+            raise LocalProtocolError("message data to relay with no upstream connection")
         data = body.data
         upstream.write(data)
         self._upstream_bytes += len(data)
@@ -238,12 +267,20 @@ class Session(asyncio.Protocol):
         if out:
             self._to_client.append(out)
 
+    def _refuse(self, command: Command | None, verb: Verb | None, reply: Reply) -> None:
+        """Answer an error locally; past limits.max_errors, end the session."""
+        self._errors += 1
+        if self._errors > self.ctx.config.limits.max_errors:
+            self._end(self.ctx.replies.too_many_errors, "too_many_errors")
+        else:
+            self._answer(command, verb, reply)
+
     # -- what the upstream sends -----------------------------------------------
 
     async def _connect(self) -> None:
         target = self.ctx.target
         try:
-            transport = await connect(target, self, self.ctx.config.timeouts.connect)
+            await connect(target, self, self.ctx.config.timeouts.connect)
         except (OSError, TimeoutError) as error:
             self._connector = None
             log.warning(
@@ -255,6 +292,9 @@ class Session(asyncio.Protocol):
             self._end(self.ctx.replies.upstream_unavailable, "upstream_unreachable", failed=True)
             return
         self._connector = None
+
+    def upstream_made(self, transport: asyncio.Transport) -> None:
+        """The upstream connection is open."""
         if self._closed:
             transport.abort()
         else:
@@ -299,12 +339,16 @@ class Session(asyncio.Protocol):
         if (self._quitting or self._client_eof) and not tracker.awaiting:
             self._end(None, "quit" if self._quitting else "client_closed")
             return
+        # Read the client again only now that every reply of this read has
+        # been paired: a reply already here must never be taken for the
+        # answer to a command the client sends next.
         gate = self.gate
-        if (
-            gate.holds(Hold.QUEUE)
-            and tracker.awaiting < self.ctx.config.limits.max_pipelined_commands
-        ):
+        limit = self.ctx.config.limits.max_pipelined_commands
+        if gate.holds(Hold.QUEUE) and tracker.awaiting < limit:
             gate.resume(Hold.QUEUE)
+            self._resume_pump = True
+        if self._resume_pump:
+            self._resume_pump = False
             self._pump_client()
             self._flush()
         if self.ctx.draining:
@@ -325,7 +369,7 @@ class Session(asyncio.Protocol):
                     self._in_body = False
                     self.core.refuse_data()
                 self.gate.resume(Hold.VERDICT)
-                self._pump_client()
+                self._resume_pump = True
             case None if entry.name == "CONNECT":
                 out.append(reply.raw)
                 self.gate.resume(Hold.CONNECT)
@@ -334,11 +378,18 @@ class Session(asyncio.Protocol):
 
     def upstream_lost(self) -> None:
         """The upstream connection closed."""
-        if not self._closed:
-            self._upstream_failed("connection lost", "upstream_lost")
+        if self._closed:
+            return
+        try:
+            self.reader.receive_eof()
+        except MalformedReply as error:
+            self._upstream_failed(f"malformed reply: {error}", "upstream_malformed")
+            return
+        self._upstream_failed("connection lost", "upstream_lost")
 
     def upstream_full(self) -> None:
         """The upstream's write buffer passed its high-water mark."""
+        self._stalled_since = _now()
         self.gate.pause(Hold.FLOW)
 
     def upstream_drained(self) -> None:
@@ -355,22 +406,36 @@ class Session(asyncio.Protocol):
     # -- deadlines and shutdown ------------------------------------------------
 
     def check_deadline(self, now: float) -> None:
-        """Close the session if the phase it is in has run out of time."""
+        """Close the session if the phase it is in has run out of time.
+
+        A side whose write buffer stays full is the side that is late: an
+        upstream that stops reading the message is timed as an upstream,
+        not blamed on the client whose reading was paused for it.
+        """
         if self._closed or self._connector is not None:
             return  # connecting has a timeout of its own
         timeouts = self.ctx.config.timeouts
+        gate = self.gate
+        replies = self.ctx.replies
+        if gate.holds(Hold.FLOW) and now - self._stalled_since > timeouts.data_block:
+            self._abort_upstream()
+            self._end(replies.upstream_timeout, "upstream_timeout", failed=True)
+            return
+        if gate.holds(Hold.CLIENT) and now - self._stalled_since > timeouts.command:
+            self._client_gone("client_timeout")
+            return
         entry = self.tracker.oldest()
         if entry is not None and entry.local is None:
             if now - entry.sent_at > reply_timeout(entry, timeouts):
                 self._abort_upstream()
-                self._end(self.ctx.replies.upstream_timeout, "upstream_timeout", failed=True)
+                self._end(replies.upstream_timeout, "upstream_timeout", failed=True)
             return
         reading_body = self.core.state in (ServerState.DATA, ServerState.CHUNK)
         idle = timeouts.data_block if reading_body else timeouts.command
-        if now - self._last_client > idle:
+        if now - self._last_client > idle and not gate.holds(Hold.FLOW | Hold.CLIENT):
             if self._in_body:
                 self._abort_upstream()
-            self._end(self.ctx.replies.client_timeout, "client_timeout")
+            self._end(replies.client_timeout, "client_timeout")
 
     def drain(self) -> None:
         """Close now if between transactions; the relay is shutting down."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from smtpwarden.config import TimeoutsConfig
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES
@@ -27,6 +27,7 @@ class Target:
 class UpstreamEvents(Protocol):
     """What a session does with its upstream connection's callbacks."""
 
+    def upstream_made(self, transport: asyncio.Transport) -> None: ...
     def upstream_data(self, data: bytes) -> None: ...
     def upstream_lost(self) -> None: ...
     def upstream_full(self) -> None: ...
@@ -40,6 +41,13 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def __init__(self, events: UpstreamEvents) -> None:
         self.events = events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Handed over here, not when the connecting coroutine resumes: the
+        # banner may be read, and the client resumed, before it does.
+        upstream = cast(asyncio.Transport, transport)
+        upstream.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
+        self.events.upstream_made(upstream)
 
     def data_received(self, data: bytes) -> None:
         self.events.upstream_data(data)
@@ -57,15 +65,14 @@ class UpstreamProtocol(asyncio.Protocol):
         self.events.upstream_drained()
 
 
-async def connect(target: Target, events: UpstreamEvents, timeout_s: float) -> asyncio.Transport:
-    """Open a connection to ``target``; raises OSError or TimeoutError."""
+async def connect(target: Target, events: UpstreamEvents, timeout_s: float) -> None:
+    """Open a connection to ``target``; ``events.upstream_made`` receives it.
+
+    Raises OSError or TimeoutError.
+    """
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout_s):
-        transport, _ = await loop.create_connection(
-            lambda: UpstreamProtocol(events), target.host, target.port
-        )
-    transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
-    return transport
+        await loop.create_connection(lambda: UpstreamProtocol(events), target.host, target.port)
 
 
 def reply_timeout(entry: Awaiting, timeouts: TimeoutsConfig) -> float:

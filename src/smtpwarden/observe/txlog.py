@@ -4,33 +4,45 @@ Records are serialised once, when they are complete (orjson, dataclasses as
 they are), and appended to a buffer; the buffer is written when it grows past
 ``FLUSH_BYTES`` or when the relay's periodic tick calls ``flush``. Nothing
 here formats anything per message chunk or per reply.
+
+A log that cannot be written (a full disk, a closed pipe) must not stop the
+relay (PRODUCT.md, invariant 6): the records of a failed write are dropped
+and counted, the failure is reported on stderr once per streak, and writing
+resumes when the target accepts data again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from typing import BinaryIO
 
 import orjson
+
+log = logging.getLogger("smtpwarden.txlog")
 
 # Past this much buffered JSON, write at once rather than wait for the tick.
 FLUSH_BYTES = 64 * 1024
 
 
 class RecordLog:
-    """Writes records to stdout ("-") or appends them to a file."""
+    """Writes records to stdout ("-") or appends them to a file.
+
+    Writes go straight to the file descriptor (no second buffer below this
+    one), so a failed write leaves nothing behind to fail again at close.
+    """
 
     def __init__(self, target: str, *, sessions: bool = True) -> None:
         self.target = target
         self.sessions = sessions
         self._buf = bytearray()
-        self._file: BinaryIO
+        self.dropped = 0  # records lost to failed writes
+        self._failing = False
         self._owned = target != "-"
         if self._owned:
-            self._file = open(target, "ab")  # noqa: SIM115 - closed by close()
+            self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         else:
-            self._file = sys.stdout.buffer
+            self._fd = sys.stdout.fileno()
 
     def write(self, record: object) -> None:
         """Append one record (a dataclass or a dict)."""
@@ -44,15 +56,33 @@ class RecordLog:
             self.write(record)
 
     def flush(self) -> None:
-        """Write what is buffered."""
-        if self._buf:
-            self._file.write(self._buf)
-            self._file.flush()
+        """Write what is buffered; on failure drop it and count the records."""
+        if not self._buf:
+            return
+        view = memoryview(self._buf)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as error:
+            self.dropped += view.tobytes().count(b"\n")
+            if not self._failing:
+                log.error("cannot write records to %s: %s; dropping them", self.target, error)
+            self._failing = True
+        else:
+            if self._failing:
+                log.error("writing records to %s again; %d dropped", self.target, self.dropped)
+            self._failing = False
+        finally:
+            view.release()
             self._buf.clear()
 
     def close(self) -> None:
         """Flush and, for a file, fsync and close it."""
         self.flush()
         if self._owned:
-            os.fsync(self._file.fileno())
-            self._file.close()
+            try:
+                os.fsync(self._fd)
+            except OSError as error:
+                log.error("cannot sync %s: %s", self.target, error)
+            finally:
+                os.close(self._fd)

@@ -41,6 +41,10 @@ _PARAM_VALUES: dict[bytes, re.Pattern[bytes] | None] = {
     b"BODY": re.compile(rb"(?:7BIT|8BITMIME|BINARYMIME)\Z", re.I),  # RFC 6152, 3030
 }
 
+# RFC 3030 sets no bound on a chunk. This one fits a signed 32-bit integer,
+# so that every upstream counts the chunk the same way smtpwarden does.
+MAX_CHUNK_BYTES = 2**31 - 1
+
 # RFC 3461 4.4: "The ENVID parameter ... MUST NOT exceed 100 characters".
 MAX_ENVID_CHARS = 100
 
@@ -95,7 +99,7 @@ def parse_command(line: bytes) -> Command | BadCommand:
                 "control character in command", text="Control characters are not allowed"
             ),
         )
-    word, _, argument = text.partition(b" ")
+    word, _, raw_argument = text.partition(b" ")
     verb = _VERBS.get(word.upper()) if len(word) <= _MAX_VERB_BYTES else None
     if verb is None:
         # RFC 5321 4.2.4: 500 for a command that is not recognised. Unknown
@@ -105,7 +109,7 @@ def parse_command(line: bytes) -> Command | BadCommand:
             "unknown command", code=500, enhanced="5.5.1", text="Command unrecognized"
         )
         return BadCommand(line=line, verb=None, error=error)
-    argument = argument.strip(b" \t")
+    argument = raw_argument.strip(b" \t")
     match verb:
         case Verb.MAIL | Verb.RCPT:
             pattern = grammar.MAIL_ARGUMENT if verb is Verb.MAIL else grammar.RCPT_ARGUMENT
@@ -121,9 +125,14 @@ def parse_command(line: bytes) -> Command | BadCommand:
             kind = MailFrom if verb is Verb.MAIL else RcptTo
             return kind(verb=verb, argument=argument, line=line, path=path, params=params)
         case Verb.BDAT:
-            found = grammar.BDAT_ARGUMENT.match(argument)
+            found = grammar.BDAT_ARGUMENT.match(raw_argument)
             if found is None:
                 return BadCommand(line=line, verb=verb, error=_syntax("bad BDAT size"))
+            if int(found.group(1)) > MAX_CHUNK_BYTES:
+                error = BadCommandError(
+                    "BDAT chunk too large", code=552, enhanced="5.3.4", text="Chunk too large"
+                )
+                return BadCommand(line=line, verb=verb, error=error)
             return Bdat(
                 verb=verb,
                 argument=argument,

@@ -71,6 +71,11 @@ class Bdat(Command):
     size: int
     last: bool
 
+    @property
+    def wire(self) -> bytes:
+        """The line to send upstream, rebuilt in canonical form (RFC 3030 2)."""
+        return b"BDAT %d LAST\r\n" % self.size if self.last else b"BDAT %d\r\n" % self.size
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BadCommand:

@@ -40,9 +40,8 @@ _CHUNKING = frozenset({"CHUNKING", "BINARYMIME"})
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Extensions:
-    """A parsed EHLO reply: greeting text and upper-cased keyword -> params."""
+    """A parsed EHLO reply: upper-cased keyword -> its parameters."""
 
-    greeting: bytes
     keywords: dict[str, bytes]
 
     def __contains__(self, keyword: str) -> bool:
@@ -65,7 +64,7 @@ def parse_ehlo(reply: Reply) -> Extensions:
         word, _, params = line.partition(b" ")
         if word:
             keywords[word.decode("ascii", "replace").upper()] = params
-    return Extensions(greeting=reply.lines[0], keywords=keywords)
+    return Extensions(keywords=keywords)
 
 
 def reconcile(reply: Reply, policy: ExtensionPolicy) -> tuple[bytes, Extensions]:

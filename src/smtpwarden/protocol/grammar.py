@@ -33,8 +33,12 @@ NOTIFY_VALUE = re.compile(
 # RFC 3461 4.2: ORCPT=addr-type ";" xtext (RFC 6533 allows UTF-8 in it)
 ORCPT_VALUE = re.compile(rb"[A-Za-z0-9][A-Za-z0-9-]*;[\x21-\x7e\x80-\xff]+\Z")
 
-# RFC 3030 2: bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ] CR LF
-BDAT_ARGUMENT = re.compile(rb"([0-9]{1,20})(?:[ \t]+(LAST))?[ \t]*\Z", re.I)
+# RFC 3030 2: bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ] CR LF, and
+# nothing looser: every octet after a BDAT line is chunk data only if the
+# upstream reads the line exactly as smtpwarden does, so extra blanks, tabs
+# or an overlong size (which an upstream may refuse, and then read the chunk
+# as commands) are refused here.
+BDAT_ARGUMENT = re.compile(rb"([0-9]{1,10})(?: (LAST))?\Z", re.I)
 
 # RFC 3463 2: status-code = class "." subject "." detail, at the start of
 # the reply text when ENHANCEDSTATUSCODES is in use (RFC 2034).

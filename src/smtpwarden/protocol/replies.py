@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from smtpwarden.protocol import grammar
-from smtpwarden.protocol.errors import MalformedReply
+from smtpwarden.protocol.errors import MalformedReply, RemoteProtocolError
 
 # RFC 5321 4.5.3.1.5: "The maximum total length of a reply line including the
 # reply code and the <CRLF> is 512 octets." Real servers exceed it (long
@@ -53,17 +53,17 @@ class Reply:
             parts.append(line[found.end() :].lstrip(b" \t") if found else line)
         return b"\n".join(parts).decode("utf-8", "replace")
 
-    @property
-    def category(self) -> int:
-        """The first digit: 2 success, 3 intermediate, 4 transient, 5 permanent."""
-        return self.code // 100
-
 
 def make_reply(code: int, enhanced: str | None, text: str) -> Reply:
     """Build a single-line reply that smtpwarden itself sends."""
     body = f"{enhanced} {text}" if enhanced else text
     raw = f"{code} {body}\r\n".encode()
     return Reply(code=code, lines=(body.encode(),), raw=raw)
+
+
+def reply_for(error: RemoteProtocolError) -> Reply:
+    """The reply a peer's protocol error calls for."""
+    return make_reply(error.code, error.enhanced, error.text)
 
 
 class ReplyReader:
@@ -103,6 +103,17 @@ class ReplyReader:
                 self._scan -= self._start
                 self._start = 0
             self._buf += data
+
+    def receive_eof(self) -> None:
+        """The upstream closed its side.
+
+        Raises ``MalformedReply`` if a reply was cut off: a line without its
+        CRLF, or a multi-line reply without its final line.
+        """
+        if self._lines:
+            raise MalformedReply("connection closed inside a multi-line reply")
+        if len(self._buf) > self._scan:
+            raise MalformedReply("connection closed inside a reply line")
 
     def next_reply(self) -> Reply | None:
         """Return the next complete reply, or None if more bytes are needed.

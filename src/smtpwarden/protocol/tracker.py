@@ -36,6 +36,10 @@ from smtpwarden.protocol.replies import Reply
 # The session timeline keeps the commands outside transactions; a session
 # can run thousands of transactions, so only the first steps are kept.
 MAX_SESSION_STEPS = 64
+# A transaction's timeline holds MAIL, every RCPT (at most limits.max_recipients
+# reach the upstream), DATA or BDAT and the end; past this many steps a
+# client sending NOOP in a loop only stops adding to it.
+MAX_TRANSACTION_STEPS = 2048
 # The DATA terminator's last octets, ".<CRLF>", are not part of the message.
 _DOT_CRLF = 3
 
@@ -159,9 +163,10 @@ class SessionTracker:
         self._size += size
         if self._body_kind == "data":
             if size >= _DOT_CRLF:
+                view = memoryview(data)
                 self._sha.update(self._lag)
-                self._sha.update(data[:-_DOT_CRLF])
-                self._lag = bytes(data[-_DOT_CRLF:])
+                self._sha.update(view[:-_DOT_CRLF])
+                self._lag = bytes(view[-_DOT_CRLF:])
             else:
                 lag = self._lag + bytes(data)
                 self._sha.update(lag[:-_DOT_CRLF])
@@ -215,25 +220,25 @@ class SessionTracker:
 
         ``failure`` is the 421 that ended the session because the upstream
         failed (the upstream's own or smtpwarden's), or None when the client
-        went away. A
-        transaction whose message was sent but never answered ends as
-        "unknown" (the RFC 1047 window); one the upstream failed, as
-        "deferred"; one the client left, as "aborted".
+        went away. A transaction whose message was sent but never answered
+        ends as "unknown" (the RFC 1047 window); one the upstream failed, as
+        "deferred"; one the client left, as "aborted". Commands still
+        waiting may hold several transactions (a MAIL pipelined after a
+        final dot): each gets its own record.
         """
         sent: tuple[int, str] | None = None
         for entry in self._queue:
             command = entry.command
-            if isinstance(command, MailFrom) and self._tx is None:
+            if isinstance(command, MailFrom) and entry.local is None:
+                if self._tx is not None:
+                    self._end_unanswered(failure, sent, now)
                 self._open(entry, command, None)
+                sent = None
             self._step(entry, None, now)
             sent = sent or entry.body
         self._queue.clear()
         if self._tx is not None:
-            if sent is not None:
-                outcome = Outcome.UNKNOWN
-            else:
-                outcome = Outcome.ABORTED if failure is None else Outcome.DEFERRED
-            self._finish(failure, outcome, now, sent)
+            self._end_unanswered(failure, sent, now)
         info = self.info
         return SessionRecord(
             type="session",
@@ -255,6 +260,15 @@ class SessionTracker:
 
     # -- internals -----------------------------------------------------------
 
+    def _end_unanswered(
+        self, failure: ReplyInfo | None, sent: tuple[int, str] | None, now: float
+    ) -> None:
+        if sent is not None:
+            outcome = Outcome.UNKNOWN
+        else:
+            outcome = Outcome.ABORTED if failure is None else Outcome.DEFERRED
+        self._finish(failure, outcome, now, sent)
+
     def _start_body(self, kind: str | None) -> None:
         self._body_kind = kind
         self._sha = hashlib.sha256()
@@ -273,7 +287,8 @@ class SessionTracker:
             local=entry.local is not None,
         )
         if tx is not None:
-            tx.steps.append(step)
+            if len(tx.steps) < MAX_TRANSACTION_STEPS:
+                tx.steps.append(step)
         elif len(self._steps) < MAX_SESSION_STEPS:
             self._steps.append(step)
 
@@ -312,11 +327,13 @@ class SessionTracker:
                 self.banner = ReplyInfo.of(reply, local=local)
                 self._step(entry, reply, now)
             case Verb.HELO | Verb.EHLO:
-                if tx is not None:
-                    # RFC 5321 4.1.4: EHLO resets the transaction.
+                # RFC 5321 4.1.4: an accepted EHLO or HELO resets the
+                # transaction; a refused one leaves it as it was.
+                accepted = reply.code // 100 == 2
+                if tx is not None and accepted:
                     self._finish(None, Outcome.ABORTED, now)
                 self._step(entry, reply, now)
-                if reply.code // 100 == 2 and command is not None:
+                if accepted and command is not None:
                     self.helo = text_of(command.argument)
             case Verb.RCPT:
                 self._step(entry, reply, now)
@@ -353,7 +370,7 @@ class SessionTracker:
                     )
             case Verb.RSET | Verb.QUIT:
                 self._step(entry, reply, now)
-                if tx is not None:
+                if tx is not None and reply.code // 100 == 2:
                     self._finish(None, Outcome.ABORTED, now)
             case _:
                 self._step(entry, reply, now)
