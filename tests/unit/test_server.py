@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from corehelpers import splits, summarize_server
 from smtpwarden.protocol.errors import LocalProtocolError, RemoteProtocolError
-from smtpwarden.protocol.events import NEED_DATA, PAUSED, BadCommand, Bdat, Body, MailFrom
+from smtpwarden.protocol.events import NEED_DATA, PAUSED, BadCommand, Bdat, Body, Command, MailFrom
 from smtpwarden.protocol.server import ServerConnection
 from smtpwarden.protocol.state import ServerState
 
@@ -307,9 +307,26 @@ def test_loose_bdat_lines_are_refused_so_no_upstream_reads_them_differently(line
     assert out[0][1].startswith((b"501 5.5.4 ", b"500 5.5.1 "))
 
 
-def test_bdat_chunk_beyond_32_bits_is_refused() -> None:
-    out = summarize_server([b"BDAT 2147483648\r\n"])
-    assert out == [("bad", b"552 5.3.4 Chunk too large\r\n")]
+def test_bdat_chunk_beyond_32_bits_is_refused_and_its_octets_dropped() -> None:
+    size = 2**31
+    head = b"BDAT %d LAST\r\n" % size
+    conn = ServerConnection()
+    conn.receive_data(head + b"RSET\r\n")
+    refused = conn.next_event()
+    assert isinstance(refused, BadCommand)
+    assert refused.error.reply_bytes() == b"552 5.3.4 Chunk too large\r\n"
+    # What follows is chunk data, dropped, however much of it there is.
+    assert conn.next_event() is NEED_DATA
+    left = size - len(b"RSET\r\n")
+    block = b"x" * (1 << 20)
+    while left > len(block):
+        conn.receive_data(block)
+        assert conn.next_event() is NEED_DATA
+        left -= len(block)
+    conn.receive_data(b"y" * left + b"NOOP\r\n")
+    noop = conn.next_event()
+    assert isinstance(noop, Command)
+    assert noop.verb.value == "NOOP"
     assert summarize_server([b"BDAT 2147483647\r\n"])[0][0] == "BDAT"
 
 

@@ -41,10 +41,6 @@ _PARAM_VALUES: dict[bytes, re.Pattern[bytes] | None] = {
     b"BODY": re.compile(rb"(?:7BIT|8BITMIME|BINARYMIME)\Z", re.I),  # RFC 6152, 3030
 }
 
-# RFC 3030 sets no bound on a chunk. This one fits a signed 32-bit integer,
-# so that every upstream counts the chunk the same way smtpwarden does.
-MAX_CHUNK_BYTES = 2**31 - 1
-
 # RFC 3461 4.4: "The ENVID parameter ... MUST NOT exceed 100 characters".
 MAX_ENVID_CHARS = 100
 
@@ -128,11 +124,6 @@ def parse_command(line: bytes) -> Command | BadCommand:
             found = grammar.BDAT_ARGUMENT.match(raw_argument)
             if found is None:
                 return BadCommand(line=line, verb=verb, error=_syntax("bad BDAT size"))
-            if int(found.group(1)) > MAX_CHUNK_BYTES:
-                error = BadCommandError(
-                    "BDAT chunk too large", code=552, enhanced="5.3.4", text="Chunk too large"
-                )
-                return BadCommand(line=line, verb=verb, error=error)
             return Bdat(
                 verb=verb,
                 argument=argument,

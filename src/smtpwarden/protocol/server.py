@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from smtpwarden.protocol.body import DataReader
 from smtpwarden.protocol.commands import parse_command
+from smtpwarden.protocol.errors import BadCommand as BadCommandError
 from smtpwarden.protocol.errors import BareLineEnding, LineTooLong, LocalProtocolError
 from smtpwarden.protocol.events import (
     NEED_DATA,
@@ -31,6 +32,10 @@ from smtpwarden.protocol.events import (
 )
 from smtpwarden.protocol.state import ServerInput, ServerMachine, ServerState
 
+# RFC 3030 sets no bound on a chunk. This one fits a signed 32-bit integer,
+# so that every upstream counts the chunk the same way smtpwarden does.
+MAX_CHUNK_BYTES = 2**31 - 1
+
 # RFC 5321 4.5.3.1.4 sets 512 octets for a command line, CRLF included, and
 # lets extensions raise it (RFC 1870 SIZE, RFC 3461 DSN and RFC 6531 SMTPUTF8
 # parameters all lengthen MAIL and RCPT). 2048 is Postfix's line_length_limit.
@@ -40,7 +45,16 @@ MAX_COMMAND_LINE_BYTES = 2048
 class ServerConnection:
     """Reads one client's byte stream. See the module docstring."""
 
-    __slots__ = ("_buf", "_chunk_left", "_data", "_discarding", "_machine", "_max_line", "_pos")
+    __slots__ = (
+        "_buf",
+        "_chunk_left",
+        "_data",
+        "_discarding",
+        "_dropping_chunk",
+        "_machine",
+        "_max_line",
+        "_pos",
+    )
 
     def __init__(self, *, max_line_bytes: int = MAX_COMMAND_LINE_BYTES) -> None:
         self._buf = b""
@@ -49,7 +63,8 @@ class ServerConnection:
         self._data = DataReader()
         self._chunk_left = 0
         self._max_line = max_line_bytes
-        self._discarding = False
+        self._discarding = False  # dropping an overlong command line
+        self._dropping_chunk = False  # dropping a refused BDAT chunk
 
     @property
     def state(self) -> ServerState:
@@ -125,6 +140,14 @@ class ServerConnection:
         if isinstance(event, Bdat):
             self._machine.move(ServerInput.BDAT_COMMAND)
             self._chunk_left = event.size
+            if event.size > MAX_CHUNK_BYTES:
+                # RFC 3030 2: a refused chunk is still read and discarded,
+                # so that its octets are never taken for commands.
+                self._dropping_chunk = True
+                refused = BadCommandError(
+                    "BDAT chunk too large", code=552, enhanced="5.3.4", text="Chunk too large"
+                )
+                return BadCommand(line=line, verb=Verb.BDAT, error=refused)
         elif not isinstance(event, BadCommand) and event.verb is Verb.DATA:
             self._machine.move(ServerInput.DATA_COMMAND)
         return event
@@ -158,5 +181,8 @@ class ServerConnection:
         done = self._chunk_left == 0
         if done:
             self._machine.move(ServerInput.END_OF_CHUNK)
+        if self._dropping_chunk:
+            self._dropping_chunk = not done
+            return self.next_event()
         whole = pos == 0 and size == len(buf)
         return Body(data=buf if whole else memoryview(buf)[pos : pos + size], done=done)
