@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -27,6 +28,7 @@ from smtpwarden.config import (
     parse_hostport,
     simple_config,
 )
+from smtpwarden.protocol.diagnosis import Diagnosis, diagnose_text
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -45,6 +47,7 @@ examples:
   smtpwarden run --config smtpwarden.yaml   run from a configuration file
   smtpwarden check-config smtpwarden.yaml   validate a configuration file
   smtpwarden sink --dir ./captured          a test upstream that stores mail
+  smtpwarden diagnose '550 5.1.1 No user'   explain a reply (or - for a transcript)
 
 Run "smtpwarden COMMAND --help" for the options of each command."""
 
@@ -84,6 +87,21 @@ examples:
 
   then, to relay through smtpwarden into it:
   smtpwarden run --listen 127.0.0.1:2525 --upstream 127.0.0.1:2526"""
+
+
+_DIAGNOSE_DESCRIPTION = """\
+Explain an SMTP reply, or every reply of a pasted transcript: the failure
+pattern (for example a 250 whose text reports a failure), the cause, whether
+a retry can help, and what to do. Give the reply as one argument, or - to
+read a reply or a whole transcript (lines like "S: 250 ok" / "C: DATA",
+"<<< 250 ok" / ">>> DATA", or swaks output) from standard input."""
+
+_DIAGNOSE_EPILOG = """\
+examples:
+  smtpwarden diagnose '250 Mail transaction failed: http://mailserver/failed.aspx'
+  smtpwarden diagnose '452 4.2.2 The email account that you tried to reach is over quota'
+  swaks --to a@example.com --server mx.example.com | smtpwarden diagnose -
+  smtpwarden diagnose --json - < transcript.txt"""
 
 
 class _UsageError(Exception):
@@ -172,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_event_loop(sink, "auto")
     sink.set_defaults(handler=_sink, command_parser=sink)
+
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="explain an SMTP reply or a pasted transcript",
+        description=_DIAGNOSE_DESCRIPTION,
+        epilog=_DIAGNOSE_EPILOG,
+        formatter_class=formatter,
+    )
+    diagnose.add_argument(
+        "reply", metavar="REPLY", help='the reply, quoted (e.g. "550 5.1.1 User unknown"), or -'
+    )
+    diagnose.add_argument("--json", action="store_true", help="print a JSON list")
+    diagnose.set_defaults(handler=_diagnose, command_parser=diagnose)
     return parser
 
 
@@ -217,6 +248,39 @@ def _sink(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from smtpwarden.net.sink import run_sink
 
     return run_sink(host=host, port=port, folder=args.dir, event_loop=event_loop)
+
+
+def _diagnosis_fields(reply: str, found: Diagnosis) -> dict[str, str | bool | None]:
+    return {
+        "reply": reply,
+        "pattern": found.pattern.value,
+        "cause": found.cause.value,
+        "retryable": found.retryable,
+        "advice": found.advice,
+        "evidence": found.evidence,
+    }
+
+
+def _diagnose(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    pasted: str = sys.stdin.read() if args.reply == "-" else args.reply
+    results = diagnose_text(pasted)
+    if not results:
+        parser.error('no SMTP reply found; a reply starts with a three-digit code, like "250 Ok"')
+    if args.json:
+        print(json.dumps([_diagnosis_fields(reply, found) for reply, found in results], indent=2))
+        return EXIT_OK
+    blocks = []
+    for reply, found in results:
+        lines = [reply]
+        lines.append(f"  pattern:   {found.pattern.value}")
+        lines.append(f"  cause:     {found.cause.value}")
+        lines.append(f"  retryable: {'yes' if found.retryable else 'no'}")
+        lines.append(f"  advice:    {found.advice}")
+        if found.evidence is not None and found.evidence != " ".join(reply.split()):
+            lines.append(f"  evidence:  {found.evidence}")
+        blocks.append("\n".join(lines))
+    print("\n\n".join(blocks))
+    return EXIT_OK
 
 
 _Handler = Callable[[argparse.ArgumentParser, argparse.Namespace], int]
