@@ -22,6 +22,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from smtpwarden.protocol.commands import parse_command
+from smtpwarden.protocol.diagnosis import diagnose
 from smtpwarden.protocol.events import Command, Verb
 from smtpwarden.protocol.records import (
     Address,
@@ -63,7 +64,13 @@ def validator(schema: Json) -> Draft202012Validator:
 
 
 def as_json(record: object) -> Json:
-    """Serialise exactly as the transaction log does, then parse back."""
+    """Serialise exactly as the transaction log does, then parse back.
+
+    A hand-built transaction record gets its diagnosis as the tracker gives
+    it one.
+    """
+    if isinstance(record, TransactionRecord) and record.diagnosis is None:
+        record = dataclasses.replace(record, diagnosis=diagnose(record))
     loaded: Json = json.loads(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
     return loaded
 

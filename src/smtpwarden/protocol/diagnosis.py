@@ -14,7 +14,6 @@ phrase. Those rules are written to miss queue ids, ports, sizes and dates.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -22,32 +21,10 @@ from dataclasses import dataclass, field, replace
 
 from smtpwarden.protocol.causes import ADVICE, ADVICE_LOST, FAILURE_CODES, LEADS, PHRASES, cause_of
 from smtpwarden.protocol.causes import Cause as Cause  # part of this module's API
+from smtpwarden.protocol.records import Diagnosis as Diagnosis  # part of this module's API
 from smtpwarden.protocol.records import Outcome, ReplyInfo, TransactionRecord
+from smtpwarden.protocol.records import Pattern as Pattern  # part of this module's API
 from smtpwarden.protocol.replies import Reply
-
-
-class Pattern(enum.Enum):
-    """PRODUCT.md's failure patterns; the values are the JSON strings."""
-
-    NONE = "none"
-    DEFERRED_FAILURE = "deferred_failure"  # envelope 2xx, then DATA/"."/BDAT 4xx/5xx
-    CHUNK_FAILURE = "chunk_failure"  # BDAT chunks 2xx, then a BDAT 4xx/5xx
-    LOST_OUTCOME = "lost_outcome"  # message sent, no reply (RFC 1047 window)
-    CONTRADICTORY_250 = "contradictory_250"  # a 2xx whose text says failure
-    PARTIAL_RECIPIENTS = "partial_recipients"  # delivered to part of the envelope
-    MID_SESSION_LOSS = "mid_session_loss"  # 421 or loss after MAIL, before the message
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Diagnosis:
-    """What went wrong, whether a retry can help, and what to do."""
-
-    pattern: Pattern
-    cause: Cause
-    retryable: bool
-    advice: str  # one line for the operator
-    evidence: str | None  # the reply or step that shows it, shortened
-
 
 DEFAULT_PHRASES: tuple[str, ...] = PHRASES  # see causes.PHRASES
 EVIDENCE_CHARS = 160  # a reply's gist on one terminal line

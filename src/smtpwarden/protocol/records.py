@@ -11,6 +11,7 @@ import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from smtpwarden.protocol.causes import Cause
 from smtpwarden.protocol.replies import Reply
 
 
@@ -22,6 +23,29 @@ class Outcome(enum.Enum):
     DEFERRED = "deferred"  # a 4xx ended it (or the upstream went away before the end)
     UNKNOWN = "unknown"  # the message was sent but no final reply came
     ABORTED = "aborted"  # the client stopped it (RSET, QUIT, EHLO, disconnect)
+
+
+class Pattern(enum.Enum):
+    """PRODUCT.md's failure patterns; the values are the JSON strings."""
+
+    NONE = "none"
+    DEFERRED_FAILURE = "deferred_failure"  # envelope 2xx, then DATA/"."/BDAT 4xx/5xx
+    CHUNK_FAILURE = "chunk_failure"  # BDAT chunks 2xx, then a BDAT 4xx/5xx
+    LOST_OUTCOME = "lost_outcome"  # message sent, no reply (RFC 1047 window)
+    CONTRADICTORY_250 = "contradictory_250"  # a 2xx whose text says failure
+    PARTIAL_RECIPIENTS = "partial_recipients"  # delivered to part of the envelope
+    MID_SESSION_LOSS = "mid_session_loss"  # 421 or loss after MAIL, before the message
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Diagnosis:
+    """What went wrong, whether a retry can help, and what to do."""
+
+    pattern: Pattern
+    cause: Cause
+    retryable: bool
+    advice: str  # one line for the operator
+    evidence: str | None  # the reply or step that shows it, shortened
 
 
 def outcome_of(reply: Reply) -> Outcome:
@@ -145,6 +169,9 @@ class TransactionRecord:
     outcome: Outcome
     attempts: int
     duration_ms: float
+    # What went wrong and what to do; filled in by the tracker once the rest
+    # of the record exists (``diagnosis.diagnose`` reads the record).
+    diagnosis: Diagnosis | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

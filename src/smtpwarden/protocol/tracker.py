@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from smtpwarden.protocol.diagnosis import diagnose
 from smtpwarden.protocol.events import Bdat, Command, MailFrom, Param, RcptTo, Verb
 from smtpwarden.protocol.records import (
     Address,
@@ -386,26 +387,25 @@ class SessionTracker:
         assert tx is not None  # noqa: S101 - every caller checks
         self._tx = None
         info = self.info
-        self.records.append(
-            TransactionRecord(
-                type="transaction",
-                time=iso_time(tx.started_at + self._epoch),
-                session_id=info.session_id,
-                transaction_id=f"{info.session_id}.{tx.number}",
-                listener=info.listener,
-                client=info.client,
-                upstream=info.upstream,
-                tls=info.tls,
-                helo=self.helo,
-                mail_from=tx.mail_from,
-                recipients=tuple(tx.recipients),
-                body=tx.body,
-                size=None if body is None else body[0],
-                body_sha256=None if body is None else body[1],
-                timeline=tuple(tx.steps),
-                final_reply=final,
-                outcome=outcome,
-                attempts=1,
-                duration_ms=round((now - tx.started_at) * 1000, 3),
-            )
+        record = TransactionRecord(
+            type="transaction",
+            time=iso_time(tx.started_at + self._epoch),
+            session_id=info.session_id,
+            transaction_id=f"{info.session_id}.{tx.number}",
+            listener=info.listener,
+            client=info.client,
+            upstream=info.upstream,
+            tls=info.tls,
+            helo=self.helo,
+            mail_from=tx.mail_from,
+            recipients=tuple(tx.recipients),
+            body=tx.body,
+            size=None if body is None else body[0],
+            body_sha256=None if body is None else body[1],
+            timeline=tuple(tx.steps),
+            final_reply=final,
+            outcome=outcome,
+            attempts=1,
+            duration_ms=round((now - tx.started_at) * 1000, 3),
         )
+        self.records.append(replace(record, diagnosis=diagnose(record)))
