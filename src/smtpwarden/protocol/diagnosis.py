@@ -14,6 +14,7 @@ phrase. Those rules are written to miss queue ids, ports, sizes and dates.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -95,12 +96,19 @@ def contradiction(
     quoted = _quoted(text)
     if quoted is not None:
         return quoted[0]
-    squashed = " ".join(text.split()).casefold()
-    for phrase in phrases:
-        wanted = " ".join(phrase.split()).casefold()
-        if wanted and wanted in squashed:
-            return f"phrase {phrase!r}"
-    return None
+    found = _phrase_pattern(tuple(phrases)).search(text)
+    return f"phrase {' '.join(found.group(0).split()).casefold()!r}" if found else None
+
+
+@functools.lru_cache(maxsize=16)
+def _phrase_pattern(phrases: tuple[str, ...]) -> re.Pattern[str]:
+    """One case-insensitive pattern for all phrases, any run of blanks as one.
+
+    Built once per phrase list: this runs for every transaction.
+    """
+    words = [r"\s+".join(map(re.escape, phrase.split())) for phrase in phrases]
+    alternatives = "|".join(word for word in words if word)
+    return re.compile(alternatives or r"(?!)", re.IGNORECASE)
 
 
 def _finding(code: int | None, enhanced: str | None, text: str) -> _Finding:
