@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from smtpwarden.protocol.commands import parse_command
+from smtpwarden.protocol.errors import LocalProtocolError
 from smtpwarden.protocol.events import Bdat, Command, Verb
 from smtpwarden.protocol.records import Outcome, Peer, ReplyInfo, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import make_reply, parse_reply
@@ -370,3 +371,69 @@ def test_a_local_refusal_leaves_the_transaction_alone() -> None:
     )
     assert s.tracker.in_transaction
     assert s.tracker.records == []
+
+
+def transient(reply: object) -> bool:
+    return getattr(reply, "code", 0) // 100 == 4
+
+
+def replaying_session() -> Session:
+    s = Session()
+    s.tracker = SessionTracker(info=INFO, now=s.now, replays=transient)
+    s.reply(b"220 mx ESMTP\r\n")
+    s.send(b"MAIL FROM:<a@b> SIZE=5", b"RCPT TO:<ok@d>", b"RCPT TO:<no@d>", b"DATA")
+    s.reply(b"250 ok\r\n", b"250 ok\r\n", b"550 no\r\n", b"354 go\r\n")
+    s.body(b"x\r\n.\r\n")
+    s.end()
+    return s
+
+
+def test_a_transient_final_reply_opens_a_replay_instead_of_ending() -> None:
+    s = replaying_session()
+    s.reply(b"451 4.3.0 try later\r\n")
+    assert s.tracker.records == []
+    replay = s.tracker.replay
+    assert replay is not None
+    assert replay.mail.line == b"MAIL FROM:<a@b> SIZE=5\r\n"
+    assert [r.path for r in replay.recipients] == [b"ok@d"]
+    assert replay.first_failure is not None
+    assert replay.first_failure.code == 451
+    final = ReplyInfo.of(make_reply(250, "2.0.0", "queued on the second try"), local=False)
+    s.tracker.end_replay(final, Outcome.RETRIED, 2, s.tick())
+    (record,) = s.tracker.records
+    assert record.outcome is Outcome.RETRIED
+    assert record.attempts == 2
+    assert record.final_reply == final
+    assert record.size == 3
+    assert s.tracker.replay is None
+
+
+def test_a_permanent_final_reply_ends_as_usual() -> None:
+    s = replaying_session()
+    s.reply(b"554 5.7.1 no\r\n")
+    assert s.tracker.replay is None
+    assert [r.outcome for r in s.tracker.records] == [Outcome.REJECTED]
+
+
+def test_a_lost_final_reply_becomes_a_replay() -> None:
+    s = replaying_session()
+    assert s.tracker.lost_message(s.tick())
+    replay = s.tracker.replay
+    assert replay is not None
+    assert replay.first_failure is None
+    assert s.tracker.awaiting == 0
+    s.tracker.end_replay(None, Outcome.DEFERRED, 3, s.tick())
+    (record,) = s.tracker.records
+    assert (record.outcome, record.attempts) == (Outcome.DEFERRED, 3)
+    assert record.timeline[-1].command == "."
+    assert record.timeline[-1].code is None
+
+
+def test_nothing_to_replay_before_the_message_is_sent() -> None:
+    s = Session()
+    s.tracker = SessionTracker(info=INFO, now=s.now, replays=transient)
+    s.reply(b"220 mx\r\n")
+    s.send(b"MAIL FROM:<a@b>")
+    assert not s.tracker.lost_message(s.tick())
+    with pytest.raises(LocalProtocolError):
+        s.tracker.end_replay(None, Outcome.DEFERRED, 1, s.tick())

@@ -23,6 +23,8 @@ class Outcome(enum.Enum):
     DEFERRED = "deferred"  # a 4xx ended it (or the upstream went away before the end)
     UNKNOWN = "unknown"  # the message was sent but no final reply came
     ABORTED = "aborted"  # the client stopped it (RSET, QUIT, EHLO, disconnect)
+    RETRIED = "retried"  # a replay on a fresh upstream connection got the 2xx
+    REQUEUED = "requeued"  # spooled after the replays failed; delivered later
 
 
 class Pattern(enum.Enum):

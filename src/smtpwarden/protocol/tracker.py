@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from smtpwarden.protocol.diagnosis import diagnose
+from smtpwarden.protocol.errors import LocalProtocolError
 from smtpwarden.protocol.events import Bdat, Command, MailFrom, Param, RcptTo, Verb
 from smtpwarden.protocol.records import (
     Address,
@@ -69,7 +71,20 @@ class _Transaction:
     mail_from: Address
     recipients: list[Address]
     steps: list[Step]
+    mail_command: MailFrom
+    accepted: list[RcptTo]  # the RCPT commands the upstream answered 2xx
     body: str | None = None
+    sent: tuple[int, str] | None = None  # size and SHA-256 once the message went out
+    replaying: bool = False  # its end awaits a replay, not an upstream reply
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Replay:
+    """What a replay of the open transaction needs from the tracker."""
+
+    mail: MailFrom
+    recipients: tuple[RcptTo, ...]  # only those the upstream accepted
+    first_failure: Reply | None  # the reply that called for it; None if none came
 
 
 def _params(params: tuple[Param, ...]) -> dict[str, str | None]:
@@ -79,14 +94,26 @@ def _params(params: tuple[Param, ...]) -> dict[str, str | None]:
 class SessionTracker:
     """Follows one relayed session. See the module docstring."""
 
-    def __init__(self, *, info: SessionInfo, now: float, epoch_offset: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        info: SessionInfo,
+        now: float,
+        epoch_offset: float = 0.0,
+        replays: Callable[[Reply], bool] | None = None,
+    ) -> None:
         """Start tracking at ``now``.
 
         ``now`` and every later time come from one monotonic clock;
         ``epoch_offset`` turns them into seconds since the epoch for the
-        records' ``time`` fields.
+        records' ``time`` fields. ``replays`` decides, under the retry and
+        requeue policies, whether the reply that ends a sent message calls
+        for a replay: then the transaction stays open, ``replay`` says what
+        to replay, and ``end_replay`` closes it.
         """
         self.info = info
+        self._replays = replays
+        self.replay: Replay | None = None
         self._epoch = epoch_offset
         self.started_at = now
         self.helo: str | None = None
@@ -239,7 +266,7 @@ class SessionTracker:
             sent = sent or entry.body
         self._queue.clear()
         if self._tx is not None:
-            self._end_unanswered(failure, sent, now)
+            self._end_unanswered(failure, sent or self._tx.sent, now)
         info = self.info
         return SessionRecord(
             type="session",
@@ -306,6 +333,8 @@ class SessionTracker:
             mail_from=mail_from,
             recipients=[],
             steps=[],
+            mail_command=command,
+            accepted=[],
         )
 
     def _answer(self, entry: Awaiting, reply: Reply, now: float) -> None:
@@ -339,6 +368,8 @@ class SessionTracker:
             case Verb.RCPT:
                 self._step(entry, reply, now)
                 if tx is not None and isinstance(command, RcptTo):
+                    if reply.code // 100 == 2:
+                        tx.accepted.append(command)
                     tx.recipients.append(
                         Address(
                             address=text_of(command.path),
@@ -360,15 +391,11 @@ class SessionTracker:
                     if entry.body is not None or reply.code // 100 != 2:
                         # RFC 3030 4.2: after a 4xx or 5xx to a chunk "the
                         # transaction should be considered failed".
-                        self._finish(
-                            ReplyInfo.of(reply, local=local), outcome_of(reply), now, entry.body
-                        )
+                        self._end_message(tx, entry, reply, now)
             case None if entry.name == ".":
                 self._step(entry, reply, now)
                 if tx is not None:
-                    self._finish(
-                        ReplyInfo.of(reply, local=local), outcome_of(reply), now, entry.body
-                    )
+                    self._end_message(tx, entry, reply, now)
             case Verb.RSET | Verb.QUIT:
                 self._step(entry, reply, now)
                 if tx is not None and reply.code // 100 == 2:
@@ -376,12 +403,56 @@ class SessionTracker:
             case _:
                 self._step(entry, reply, now)
 
+    def _end_message(self, tx: _Transaction, entry: Awaiting, reply: Reply, now: float) -> None:
+        tx.sent = entry.body or tx.sent
+        if self._replays is not None and tx.sent is not None and self._replays(reply):
+            tx.replaying = True
+            self.replay = Replay(
+                mail=tx.mail_command, recipients=tuple(tx.accepted), first_failure=reply
+            )
+            return
+        self._finish(ReplyInfo.of(reply, local=False), outcome_of(reply), now, tx.sent)
+
+    def lost_message(self, now: float) -> bool:
+        """The upstream went away: replay the message it may not have taken.
+
+        If the oldest command awaiting a reply is the end of a sent message
+        and replays are on, that command is taken off the queue (its step
+        shows no reply), ``replay`` is set and True is returned.
+        """
+        tx = self._tx
+        if self._replays is None or tx is None or not self._queue:
+            return False
+        entry = self._queue[0]
+        if entry.body is None:
+            return False
+        self._queue.popleft()
+        self._step(entry, None, now)
+        tx.sent = entry.body
+        tx.replaying = True
+        self.replay = Replay(
+            mail=tx.mail_command, recipients=tuple(tx.accepted), first_failure=None
+        )
+        return True
+
+    def end_replay(
+        self, final: ReplyInfo | None, outcome: Outcome, attempts: int, now: float
+    ) -> None:
+        """Close the transaction a replay was for."""
+        tx = self._tx
+        if tx is None or not tx.replaying:
+            raise LocalProtocolError("no transaction awaits a replay")
+        self.replay = None
+        self._finish(final, outcome, now, tx.sent, attempts=attempts)
+
     def _finish(
         self,
         final: ReplyInfo | None,
         outcome: Outcome,
         now: float,
         body: tuple[int, str] | None = None,
+        *,
+        attempts: int = 1,
     ) -> None:
         tx = self._tx
         assert tx is not None  # noqa: S101 - every caller checks
@@ -405,7 +476,7 @@ class SessionTracker:
             timeline=tuple(tx.steps),
             final_reply=final,
             outcome=outcome,
-            attempts=1,
+            attempts=attempts,
             duration_ms=round((now - tx.started_at) * 1000, 3),
         )
         self.records.append(replace(record, diagnosis=diagnose(record)))
