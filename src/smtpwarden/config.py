@@ -6,11 +6,14 @@ default (`default_config`). All three produce the same frozen `Config`.
 
 Validation is strict and reports every problem at once: unknown keys (with a
 suggestion), wrong types, values out of range, missing required keys,
-duplicate names and references to unknown upstreams. Each problem names its
-key path, what was expected and what was found, shown as it was written:
+duplicate names, references to unknown listeners or upstreams, and listeners
+matched by no route or by two. Each problem names its key path, what was
+expected and what was found, shown as it was written:
 `listeners[0].port: expected an integer 0-65535, got "abc"`. This module
-says what each setting must be; `smtpwarden.configcheck` holds the machinery
-that checks values and words the problems.
+says what each setting must be, except the delivery sections (routes, retry,
+health, spool), which `smtpwarden.configroutes` defines and reads and this
+module re-exports; `smtpwarden.configcheck` holds the machinery that checks
+values and words the problems.
 
 Rule 1: this module never prints and never exits the process. It raises
 `ConfigError`; only `smtpwarden.cli.main` reports it and picks an exit code.
@@ -31,6 +34,8 @@ from typing import Final, Literal
 import yaml
 
 from smtpwarden.configcheck import (
+    FOLDER,
+    NAME,
     Checker,
     Choice,
     Flag,
@@ -41,13 +46,22 @@ from smtpwarden.configcheck import (
     duplicate_keys,
     is_domain,
     is_host,
-    is_name,
     is_path,
     join_key,
     show,
     suggest,
     yaml_problem,
 )
+from smtpwarden.configroutes import LOST_OUTCOMES as LOST_OUTCOMES
+from smtpwarden.configroutes import POLICIES as POLICIES
+from smtpwarden.configroutes import BackoffConfig as BackoffConfig
+from smtpwarden.configroutes import HealthConfig as HealthConfig
+from smtpwarden.configroutes import LostOutcome as LostOutcome
+from smtpwarden.configroutes import Policy as Policy
+from smtpwarden.configroutes import RetryConfig as RetryConfig
+from smtpwarden.configroutes import RouteConfig as RouteConfig
+from smtpwarden.configroutes import SpoolConfig as SpoolConfig
+from smtpwarden.configroutes import find_route, read_health, read_retry, read_routes, read_spool
 
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 UpstreamKind = Literal["smtp", "sink"]
@@ -88,7 +102,9 @@ class ListenerConfig:
     name: str
     host: str
     port: int  # 0 asks the OS for an ephemeral port (tests)
-    upstream: str  # the name of an entry in Config.upstreams
+    # The name of an entry in Config.upstreams. Routing uses it only when the
+    # file has no routes: each listener then gets a passthrough route to it.
+    upstream: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,6 +171,10 @@ class Config:
     hostname: str  # used in locally generated replies
     listeners: tuple[ListenerConfig, ...]
     upstreams: tuple[UpstreamConfig, ...]
+    routes: tuple[RouteConfig, ...]  # every listener is matched by exactly one
+    retry: RetryConfig
+    health: HealthConfig
+    spool: SpoolConfig
     limits: LimitsConfig
     timeouts: TimeoutsConfig
     shutdown: ShutdownConfig
@@ -164,10 +184,8 @@ class Config:
 
 # --- What each setting must be ---------------------------------------------
 
-_NAME: Final = Text("a name of letters, digits, '.', '_' and '-'", is_name)
 _HOST: Final = Text("a host name or IP address (IPv6 without brackets)", is_host)
 _DOMAIN: Final = Text("a domain name", is_domain)
-_FOLDER: Final = Text("a folder path", is_path)
 _LOG_TARGET: Final = Text('"-" (standard output) or a file path', is_path)
 _LISTEN_PORT: Final = Integer(0, 65535)
 _UPSTREAM_PORT: Final = Integer(1, 65535)
@@ -222,14 +240,14 @@ def _upstreams(
     upstreams: list[UpstreamConfig] = []
     for i, path, section in items:
         before = len(check.found)
-        name = check.value(section, "name", path, _NAME, f"upstream{i}")
+        name = check.value(section, "name", path, NAME, f"upstream{i}")
         names_known = names_known and len(check.found) == before
         names.append((join_key(path, "name") if "name" in section else path, name))
         # None when kind is given but invalid, so that nothing else is required.
         kind = check.value(section, "kind", path, _KIND, None) if "kind" in section else "smtp"
         if kind == "sink":
             # host and port mean nothing to a sink and are ignored.
-            folder = check.value(section, "path", path, _FOLDER, DEFAULT_SINK_FOLDER)
+            folder = check.value(section, "path", path, FOLDER, DEFAULT_SINK_FOLDER)
             upstreams.append(
                 UpstreamConfig(name=name, kind=kind, host="127.0.0.1", port=0, path=folder)
             )
@@ -242,23 +260,32 @@ def _upstreams(
         else:  # kind already reported: check what is there, require nothing
             check.value(section, "host", path, _HOST, "")
             check.value(section, "port", path, _UPSTREAM_PORT, 0)
-            check.value(section, "path", path, _FOLDER, "")
+            check.value(section, "path", path, FOLDER, "")
     check.unique("upstream name", names)
     return tuple(upstreams), [name for _, name in names] if names_known else None
 
 
 def _listeners(
     check: Checker, top: Mapping[str, object], upstream_names: list[str] | None
-) -> tuple[ListenerConfig, ...]:
+) -> tuple[tuple[ListenerConfig, ...], list[str] | None]:
+    """Return the listeners, and every listener name if all of them could be read.
+
+    Routes are checked against those names only when they are all known.
+    """
     default_upstream = upstream_names[0] if upstream_names else ""
     listeners: list[ListenerConfig] = []
     names: list[tuple[str, str]] = []
     addresses: list[tuple[str, str]] = []
-    for i, path, section in check.items(top, "listeners", "listener", _LISTENER_KEYS):
-        name = check.value(section, "name", path, _NAME, f"listener{i}")
+    items = check.items(top, "listeners", "listener", _LISTENER_KEYS)
+    raw = top.get("listeners")
+    names_known = isinstance(raw, list) and len(items) == len(raw)  # every one a mapping
+    for i, path, section in items:
+        before = len(check.found)
+        name = check.value(section, "name", path, NAME, f"listener{i}")
+        names_known = names_known and len(check.found) == before
         host = check.value(section, "host", path, _HOST, "127.0.0.1")
         port = check.required(section, "port", path, _LISTEN_PORT, 0)
-        upstream = check.value(section, "upstream", path, _NAME, default_upstream)
+        upstream = check.value(section, "upstream", path, NAME, default_upstream)
         if upstream_names is not None and upstream not in upstream_names:
             hint = suggest(upstream, upstream_names)
             check.report(join_key(path, "upstream"), f"no upstream named {show(upstream)}{hint}")
@@ -269,7 +296,20 @@ def _listeners(
         listeners.append(ListenerConfig(name=name, host=host, port=port, upstream=upstream))
     check.unique("listener name", names)
     check.unique("listening address", addresses)
-    return tuple(listeners)
+    return tuple(listeners), [name for _, name in names] if names_known else None
+
+
+def _implicit_routes(listeners: Iterable[ListenerConfig]) -> tuple[RouteConfig, ...]:
+    """Without routes, each listener passes its sessions through to its own upstream."""
+    return tuple(
+        RouteConfig(
+            name=listener.name,
+            listeners=(listener.name,),
+            policy="passthrough",
+            upstreams=(listener.upstream,),
+        )
+        for listener in listeners
+    )
 
 
 def _log(check: Checker, top: Mapping[str, object]) -> LogConfig:
@@ -300,7 +340,11 @@ def parse_config(data: object, *, source: str) -> Config:
     event_loop: EventLoop = check.value(top, "event_loop", "", _EVENT_LOOP, "auto")
     hostname = check.value(top, "hostname", "", _DOMAIN, "") or socket.getfqdn()
     upstreams, upstream_names = _upstreams(check, top)
-    listeners = _listeners(check, top, upstream_names)
+    listeners, listener_names = _listeners(check, top, upstream_names)
+    routes = read_routes(check, top, listener_names, upstream_names)
+    retry = read_retry(check, top)
+    health = read_health(check, top)
+    spool = read_spool(check, top)
     limits = LimitsConfig(**check.section(top, "limits", _LIMIT_RULES))
     timeouts = TimeoutsConfig(**check.section(top, "timeouts", _TIMEOUT_RULES))
     shutdown = ShutdownConfig(**check.section(top, "shutdown", _SHUTDOWN_RULES))
@@ -314,12 +358,31 @@ def parse_config(data: object, *, source: str) -> Config:
         hostname=hostname,
         listeners=listeners,
         upstreams=upstreams,
+        routes=routes or _implicit_routes(listeners),
+        retry=retry,
+        health=health,
+        spool=spool,
         limits=limits,
         timeouts=timeouts,
         shutdown=shutdown,
         log=log,
         source=source,
     )
+
+
+def route_for(config: Config, listener: str) -> RouteConfig:
+    """Return the route for sessions accepted by the listener named `listener`.
+
+    That is the route naming the listener, else the one route that leaves its
+    listeners empty; validation guarantees exactly one of them matches.
+    Raises KeyError if `config` has no listener of that name.
+    """
+    if not any(candidate.name == listener for candidate in config.listeners):
+        raise KeyError(listener)
+    route = find_route(config.routes, listener)
+    if route is None:  # only a Config built by hand, without validation, lacks one
+        raise KeyError(listener)
+    return route
 
 
 # --- Sources ---------------------------------------------------------------

@@ -7,7 +7,8 @@ every problem, host, domain and path checks, the helpers that show a value as
 it was written and suggest a close key, and the wording of problems in the
 YAML document itself (keys repeated in one mapping, parse errors). Each
 problem names its key path, what was expected and what was found. Only
-`smtpwarden.config` imports this module; its names are not public API.
+`smtpwarden.config` and `smtpwarden.configroutes` import this module; its
+names are not public API.
 
 Rule 1: no I/O. It opens no file or socket and reads no environment; values
 and YAML nodes arrive already loaded, problems leave as lines of text.
@@ -16,7 +17,8 @@ Rule 2: it never raises `ConfigError`, never prints and never exits. It
 collects problems; `smtpwarden.config` decides when to raise them.
 
 Rule 3: it knows no setting. It imports nothing from the project, so that
-`smtpwarden.config` can import it without a cycle.
+`smtpwarden.config` and `smtpwarden.configroutes` can import it without a
+cycle.
 """
 
 from __future__ import annotations
@@ -120,6 +122,21 @@ class Integer:
         return raw
 
 
+def _finite(raw: object) -> float | None:
+    """Return an integer or decimal as a finite float, else None.
+
+    YAML `true` loads as a bool, an int subclass: refuse it. An integer too
+    big for a float is refused too, rather than raising OverflowError.
+    """
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        return None
+    try:
+        number = float(raw)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 @dataclass(frozen=True, slots=True)
 class Seconds:
     allow_zero: bool
@@ -129,11 +146,22 @@ class Seconds:
         return f"a number of seconds {'>=' if self.allow_zero else '>'} 0"
 
     def convert(self, raw: object) -> float | None:
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
+        number = _finite(raw)
+        if number is None or number < 0 or (number == 0 and not self.allow_zero):
             return None
-        if not math.isfinite(raw) or raw < 0 or (raw == 0 and not self.allow_zero):
-            return None
-        return float(raw)
+        return number
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    """A finite integer or decimal that `accepts`, returned as a float."""
+
+    expected: str
+    accepts: Callable[[float], bool]
+
+    def convert(self, raw: object) -> float | None:
+        number = _finite(raw)
+        return number if number is not None and self.accepts(number) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +229,12 @@ def is_host(text: str) -> bool:
 
 def is_path(text: str) -> bool:
     return text != "" and "\0" not in text
+
+
+# Names of listeners, upstreams and routes, and folders, read the same way
+# wherever a section refers to one.
+NAME: Final = Text("a name of letters, digits, '.', '_' and '-'", is_name)
+FOLDER: Final = Text("a folder path", is_path)
 
 
 # --- Collecting problems ---------------------------------------------------

@@ -5,25 +5,34 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import pickle
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 import yaml
 
 from smtpwarden.config import (
+    POLICIES,
+    BackoffConfig,
     Config,
     ConfigError,
+    HealthConfig,
     LimitsConfig,
     ListenerConfig,
     LogConfig,
+    Policy,
+    RetryConfig,
+    RouteConfig,
     ShutdownConfig,
+    SpoolConfig,
     TimeoutsConfig,
     UpstreamConfig,
     default_config,
     load_config,
     parse_config,
     parse_hostport,
+    route_for,
     simple_config,
 )
 
@@ -83,6 +92,25 @@ def problems(sections: Mapping[object, object]) -> tuple[str, ...]:
         pytest.param("upstreams.0.kind", "smtp", id="upstream-kind"),
         pytest.param("upstreams.0.path", None, id="upstream-path"),
         pytest.param("source", "test.yaml", id="source"),
+        pytest.param("routes.0.name", "listener0", id="route-name"),
+        pytest.param("routes.0.listeners", ("listener0",), id="route-listeners"),
+        pytest.param("routes.0.policy", "passthrough", id="route-policy"),
+        pytest.param("routes.0.upstreams", ("upstream0",), id="route-upstreams"),
+        pytest.param("retry.attempts", 3, id="attempts"),
+        pytest.param("retry.budget", 120.0, id="budget"),
+        pytest.param("retry.hold_memory_bytes", 1048576, id="hold_memory_bytes"),
+        pytest.param("retry.lost_outcome", "retry", id="lost_outcome"),
+        pytest.param("retry.phrases", (), id="phrases"),
+        pytest.param("retry.take_over_partial", False, id="take_over_partial"),
+        pytest.param("health.failures", 3, id="failures"),
+        pytest.param("health.cooldown", 30.0, id="cooldown"),
+        pytest.param("spool.path", "spool", id="spool-path"),
+        pytest.param("spool.max_age", 432000.0, id="max_age"),
+        pytest.param("spool.workers", 4, id="workers"),
+        pytest.param("spool.backoff.initial", 300.0, id="initial"),
+        pytest.param("spool.backoff.factor", 2.0, id="factor"),
+        pytest.param("spool.backoff.maximum", 4000.0, id="maximum"),
+        pytest.param("spool.backoff.jitter", 0.2, id="jitter"),
     ],
 )
 def test_default(attribute: str, expected: object) -> None:
@@ -99,12 +127,43 @@ def test_hostname_defaults_to_fqdn(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_config(data, source="test.yaml").hostname == "fqdn.test"
 
 
-def test_empty_sections_take_defaults() -> None:
-    config = parse({"limits": None, "timeouts": None, "shutdown": None, "log": None})
+IMPLICIT_ROUTE = RouteConfig(
+    name="listener0", listeners=("listener0",), policy="passthrough", upstreams=("upstream0",)
+)
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        pytest.param({}, id="absent"),
+        pytest.param(
+            {
+                "limits": None,
+                "timeouts": None,
+                "shutdown": None,
+                "log": None,
+                "routes": None,
+                "retry": None,
+                "health": None,
+                "spool": None,
+            },
+            id="null",
+        ),
+        pytest.param(
+            {"routes": [], "retry": {}, "health": {}, "spool": {"backoff": None}}, id="empty"
+        ),
+    ],
+)
+def test_empty_sections_take_defaults(sections: dict[object, object]) -> None:
+    config = parse(sections)
     assert config.limits == LimitsConfig()
     assert config.timeouts == TimeoutsConfig()
     assert config.shutdown == ShutdownConfig()
     assert config.log == LogConfig()
+    assert config.routes == (IMPLICIT_ROUTE,)
+    assert config.retry == RetryConfig()
+    assert config.health == HealthConfig()
+    assert config.spool == SpoolConfig(backoff=BackoffConfig())
 
 
 def test_sink_upstream_defaults_and_ignores_host_and_port() -> None:
@@ -144,6 +203,61 @@ def test_full_values_are_kept() -> None:
     assert config.log == LogConfig(transactions="tx.jsonl", sessions=False, level="debug")
 
 
+def test_full_delivery_values_are_kept() -> None:
+    config = parse(
+        {
+            "retry": {
+                "attempts": 20,
+                "budget": 599.5,
+                "hold_memory_bytes": 0,
+                "lost_outcome": "defer",
+                "phrases": ["Queue Full", "try later"],
+                "take_over_partial": True,
+            },
+            "health": {"failures": 1, "cooldown": 0.5},
+            "spool": {
+                "path": "queue/smtpwarden",
+                "max_age": 86400,
+                "workers": 1,
+                "backoff": {"initial": 60, "factor": 1, "maximum": 60, "jitter": 0},
+            },
+        }
+    )
+    assert config.retry == RetryConfig(
+        attempts=20,
+        budget=599.5,
+        hold_memory_bytes=0,
+        lost_outcome="defer",
+        phrases=("Queue Full", "try later"),
+        take_over_partial=True,
+    )
+    assert config.health == HealthConfig(failures=1, cooldown=0.5)
+    assert config.spool == SpoolConfig(
+        path="queue/smtpwarden",
+        max_age=86400.0,
+        workers=1,
+        backoff=BackoffConfig(initial=60.0, factor=1.0, maximum=60.0, jitter=0.0),
+    )
+    for number in (config.spool.max_age, config.spool.backoff.factor, config.spool.backoff.jitter):
+        assert type(number) is float
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_route_values_are_kept(policy: Policy) -> None:
+    config = parse(
+        {
+            "upstreams": [
+                {"name": "mta1", "host": "mta1.test", "port": 25},
+                {"name": "mta2", "host": "mta2.test", "port": 25},
+            ],
+            "routes": [{"name": "main", "policy": policy, "upstreams": ["mta2", "mta1"]}],
+        }
+    )
+    assert config.routes == (
+        RouteConfig(name="main", listeners=(), policy=policy, upstreams=("mta2", "mta1")),
+    )
+
+
 # --- One problem each ----------------------------------------------------------
 
 UPSTREAM = {"host": "mta.test", "port": 25}
@@ -165,13 +279,13 @@ UPSTREAM = {"host": "mta.test", "port": 25}
         pytest.param(
             {"colour": "blue"},
             "colour: unknown key (known keys: event_loop, hostname, listeners, upstreams, "
-            "limits, timeouts, shutdown, log)",
+            "routes, retry, health, spool, limits, timeouts, shutdown, log)",
             id="unknown-key-listed",
         ),
         pytest.param(
             {7: "x"},
             "7: unknown key (known keys: event_loop, hostname, listeners, upstreams, "
-            "limits, timeouts, shutdown, log)",
+            "routes, retry, health, spool, limits, timeouts, shutdown, log)",
             id="unknown-key-not-a-string",
         ),
         pytest.param(
@@ -475,6 +589,513 @@ def test_broken_upstream_does_not_flag_references() -> None:
     )
 
 
+# --- Delivery sections: one problem each -------------------------------------------
+
+NAME_EXPECTED = "expected a name of letters, digits, '.', '_' and '-'"
+BUDGET_EXPECTED = "expected seconds greater than 0 and less than 600"
+TWO_UPSTREAMS = [
+    {"name": "mta1", "host": "mta1.test", "port": 25},
+    {"name": "mta2", "host": "mta2.test", "port": 25},
+]
+
+
+def route(**keys: object) -> dict[str, object]:
+    """One route over BASE's only listener and upstream, with some keys replaced."""
+    return {"upstreams": ["upstream0"], **keys}
+
+
+def cases(section: str, table: Sequence[tuple[str, object, str]]) -> Iterator[object]:
+    """pytest params for problems in one mapping section: (id, section value, problem)."""
+    for case_id, value, expected in table:
+        yield pytest.param({section: value}, expected, id=f"{section}-{case_id}")
+
+
+ROUTE_CASES = [
+    ("not-a-list", {"name": "a"}, "routes: expected a list of routes, got a mapping"),
+    ("item-not-a-mapping", ["main"], 'routes[0]: expected a mapping, got "main"'),
+    (
+        "unknown-key",
+        [route(policey="retry")],
+        'routes[0].policey: unknown key (did you mean "policy"?)',
+    ),
+    (
+        "unknown-key-listed",
+        [route(domains=["example.com"])],
+        "routes[0].domains: unknown key (known keys: name, listeners, policy, upstreams)",
+    ),
+    ("name-type", [route(name=5)], f"routes[0].name: {NAME_EXPECTED}, got 5"),
+    ("name-value", [route(name="a b")], f'routes[0].name: {NAME_EXPECTED}, got "a b"'),
+    (
+        "name-duplicate",
+        [route(name="r", listeners=["listener0"]), route(name="r")],
+        'routes[1].name: duplicate route name "r" (first used by routes[0].name)',
+    ),
+    (
+        "listeners-type",
+        [route(listeners="listener0")],
+        'routes[0].listeners: expected a list of listener names, got "listener0"',
+    ),
+    (
+        "listeners-item-type",
+        [route(listeners=[5])],
+        f"routes[0].listeners[0]: {NAME_EXPECTED}, got 5",
+    ),
+    (
+        "listeners-unknown",
+        [route(listeners=["listener1"])],
+        'routes[0].listeners[0]: no listener named "listener1" (did you mean "listener0"?)',
+    ),
+    (
+        "listeners-duplicate",
+        [route(listeners=["listener0", "listener0"])],
+        'routes[0].listeners[1]: duplicate listener "listener0" '
+        "(first used by routes[0].listeners[0])",
+    ),
+    (
+        "policy-value",
+        [route(policy="retyr")],
+        'routes[0].policy: expected one of "passthrough", "retry", "requeue", got "retyr" '
+        '(did you mean "retry"?)',
+    ),
+    (
+        "policy-type",
+        [route(policy=True)],
+        'routes[0].policy: expected one of "passthrough", "retry", "requeue", got true',
+    ),
+    (
+        "upstreams-missing",
+        [{"name": "main"}],
+        "routes[0].upstreams: missing required key (a list of upstream names)",
+    ),
+    (
+        "upstreams-empty",
+        [route(upstreams=[])],
+        "routes[0].upstreams: expected a list of at least one upstream name, got an empty list",
+    ),
+    (
+        "upstreams-null",
+        [route(upstreams=None)],
+        "routes[0].upstreams: expected a list of at least one upstream name, got null",
+    ),
+    (
+        "upstreams-type",
+        [route(upstreams="upstream0")],
+        'routes[0].upstreams: expected a list of at least one upstream name, got "upstream0"',
+    ),
+    (
+        "upstreams-item-type",
+        [route(upstreams=[True])],
+        f"routes[0].upstreams[0]: {NAME_EXPECTED}, got true",
+    ),
+    (
+        "upstreams-unknown",
+        [route(upstreams=["upstream0", "upstream1"])],
+        'routes[0].upstreams[1]: no upstream named "upstream1" (did you mean "upstream0"?)',
+    ),
+    (
+        "upstreams-duplicate",
+        [route(upstreams=["upstream0", "upstream0"])],
+        'routes[0].upstreams[1]: duplicate upstream "upstream0" '
+        "(first used by routes[0].upstreams[0])",
+    ),
+]
+
+RETRY_CASES = [
+    ("not-a-mapping", 3, "retry: expected a mapping, got 3"),
+    ("unknown-key", {"attempt": 3}, 'retry.attempt: unknown key (did you mean "attempts"?)'),
+    ("attempts-type", {"attempts": "3"}, 'retry.attempts: expected an integer 1-20, got "3"'),
+    ("attempts-bool", {"attempts": True}, "retry.attempts: expected an integer 1-20, got true"),
+    ("attempts-zero", {"attempts": 0}, "retry.attempts: expected an integer 1-20, got 0"),
+    ("attempts-high", {"attempts": 21}, "retry.attempts: expected an integer 1-20, got 21"),
+    ("budget-type", {"budget": "2m"}, f'retry.budget: {BUDGET_EXPECTED}, got "2m"'),
+    ("budget-bool", {"budget": True}, f"retry.budget: {BUDGET_EXPECTED}, got true"),
+    ("budget-zero", {"budget": 0}, f"retry.budget: {BUDGET_EXPECTED}, got 0"),
+    ("budget-negative", {"budget": -1.5}, f"retry.budget: {BUDGET_EXPECTED}, got -1.5"),
+    ("budget-600", {"budget": 600}, f"retry.budget: {BUDGET_EXPECTED}, got 600"),
+    ("budget-900", {"budget": 900}, f"retry.budget: {BUDGET_EXPECTED}, got 900"),
+    ("budget-inf", {"budget": float("inf")}, f"retry.budget: {BUDGET_EXPECTED}, got .inf"),
+    (
+        "hold-negative",
+        {"hold_memory_bytes": -1},
+        "retry.hold_memory_bytes: expected an integer >= 0, got -1",
+    ),
+    (
+        "hold-type",
+        {"hold_memory_bytes": "1M"},
+        'retry.hold_memory_bytes: expected an integer >= 0, got "1M"',
+    ),
+    (
+        "hold-float",
+        {"hold_memory_bytes": 1.5},
+        "retry.hold_memory_bytes: expected an integer >= 0, got 1.5",
+    ),
+    (
+        "lost-value",
+        {"lost_outcome": "defr"},
+        'retry.lost_outcome: expected one of "retry", "defer", got "defr" (did you mean "defer"?)',
+    ),
+    (
+        "lost-type",
+        {"lost_outcome": False},
+        'retry.lost_outcome: expected one of "retry", "defer", got false',
+    ),
+    (
+        "phrases-type",
+        {"phrases": "transaction failed"},
+        'retry.phrases: expected a list of phrases, got "transaction failed"',
+    ),
+    (
+        "phrases-empty-string",
+        {"phrases": [""]},
+        'retry.phrases[0]: expected a phrase that is not blank, got ""',
+    ),
+    (
+        "phrases-blank",
+        {"phrases": ["queue full", " \t"]},
+        'retry.phrases[1]: expected a phrase that is not blank, got " \\t"',
+    ),
+    (
+        "phrases-item-type",
+        {"phrases": [451]},
+        "retry.phrases[0]: expected a phrase that is not blank, got 451",
+    ),
+    (
+        "take-over-type",
+        {"take_over_partial": "yes"},
+        'retry.take_over_partial: expected true or false, got "yes"',
+    ),
+]
+
+HEALTH_CASES = [
+    ("not-a-mapping", [], "health: expected a mapping, got an empty list"),
+    ("unknown-key", {"cooldwn": 3}, 'health.cooldwn: unknown key (did you mean "cooldown"?)'),
+    ("failures-zero", {"failures": 0}, "health.failures: expected an integer >= 1, got 0"),
+    ("failures-type", {"failures": 2.5}, "health.failures: expected an integer >= 1, got 2.5"),
+    (
+        "cooldown-zero",
+        {"cooldown": 0},
+        "health.cooldown: expected a number of seconds > 0, got 0",
+    ),
+    (
+        "cooldown-type",
+        {"cooldown": "30s"},
+        'health.cooldown: expected a number of seconds > 0, got "30s"',
+    ),
+]
+
+SPOOL_CASES = [
+    ("not-a-mapping", "spool", 'spool: expected a mapping, got "spool"'),
+    (
+        "unknown-key",
+        {"folder": "q"},
+        "spool.folder: unknown key (known keys: path, max_age, workers, backoff)",
+    ),
+    ("path-empty", {"path": ""}, 'spool.path: expected a folder path, got ""'),
+    ("path-type", {"path": 5}, "spool.path: expected a folder path, got 5"),
+    ("max-age-zero", {"max_age": 0}, "spool.max_age: expected a number of seconds > 0, got 0"),
+    (
+        "max-age-type",
+        {"max_age": "5d"},
+        'spool.max_age: expected a number of seconds > 0, got "5d"',
+    ),
+    ("workers-zero", {"workers": 0}, "spool.workers: expected an integer >= 1, got 0"),
+    ("workers-type", {"workers": "4"}, 'spool.workers: expected an integer >= 1, got "4"'),
+    ("backoff-not-a-mapping", {"backoff": 300}, "spool.backoff: expected a mapping, got 300"),
+    (
+        "backoff-unknown-key",
+        {"backoff": {"minimum": 1}},
+        'spool.backoff.minimum: unknown key (did you mean "maximum"?)',
+    ),
+    (
+        "initial-zero",
+        {"backoff": {"initial": 0}},
+        "spool.backoff.initial: expected a number of seconds > 0, got 0",
+    ),
+    (
+        "initial-type",
+        {"backoff": {"initial": "5m"}},
+        'spool.backoff.initial: expected a number of seconds > 0, got "5m"',
+    ),
+    (
+        "factor-below-one",
+        {"backoff": {"factor": 0.5}},
+        "spool.backoff.factor: expected a number >= 1, got 0.5",
+    ),
+    (
+        "factor-type",
+        {"backoff": {"factor": "2"}},
+        'spool.backoff.factor: expected a number >= 1, got "2"',
+    ),
+    (
+        "factor-nan",
+        {"backoff": {"factor": float("nan")}},
+        "spool.backoff.factor: expected a number >= 1, got .nan",
+    ),
+    (
+        "maximum-zero",
+        {"backoff": {"maximum": 0}},
+        "spool.backoff.maximum: expected a number of seconds > 0, got 0",
+    ),
+    (
+        "maximum-below-initial",
+        {"backoff": {"initial": 600, "maximum": 500}},
+        "spool.backoff.maximum: expected a number of seconds >= initial (600), got 500",
+    ),
+    (
+        "maximum-below-default-initial",
+        {"backoff": {"maximum": 60}},
+        "spool.backoff.maximum: expected a number of seconds >= initial (300), got 60",
+    ),
+    (
+        "initial-above-default-maximum",
+        {"backoff": {"initial": 5000}},
+        "spool.backoff.initial: expected a number of seconds <= maximum (4000), got 5000",
+    ),
+    (
+        "maximum-below-decimal-initial",
+        {"backoff": {"initial": 0.5, "maximum": 0.25}},
+        "spool.backoff.maximum: expected a number of seconds >= initial (0.5), got 0.25",
+    ),
+    (
+        "jitter-high",
+        {"backoff": {"jitter": 1.5}},
+        "spool.backoff.jitter: expected a fraction 0-1, got 1.5",
+    ),
+    (
+        "jitter-negative",
+        {"backoff": {"jitter": -0.1}},
+        "spool.backoff.jitter: expected a fraction 0-1, got -0.1",
+    ),
+    (
+        "jitter-type",
+        {"backoff": {"jitter": "20%"}},
+        'spool.backoff.jitter: expected a fraction 0-1, got "20%"',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        *cases("routes", ROUTE_CASES),
+        *cases("retry", RETRY_CASES),
+        *cases("health", HEALTH_CASES),
+        *cases("spool", SPOOL_CASES),
+        pytest.param(
+            {"upstreams": TWO_UPSTREAMS, "routes": [{"upstreams": ["mta1", "mta3"]}]},
+            'routes[0].upstreams[1]: no upstream named "mta3" (did you mean "mta2"?)',
+            id="routes-upstream-suggestion",
+        ),
+    ],
+)
+def test_delivery_problem(sections: dict[object, object], expected: str) -> None:
+    assert problems(sections) == (expected,)
+
+
+def test_huge_integer_is_a_problem_not_a_crash() -> None:
+    huge = 10**400
+    found = problems({"retry": {"budget": huge}, "timeouts": {"connect": huge}})
+    assert found == (
+        f"retry.budget: {BUDGET_EXPECTED}, got {huge}",
+        f"timeouts.connect: expected a number of seconds > 0, got {huge}",
+    )
+
+
+def test_delivery_problems_reported_at_once_in_document_order() -> None:
+    data = yaml.safe_load(
+        """
+        spool: {workers: 0, backoff: {jitter: 2}}
+        listeners: [{name: a, port: 25}]
+        routes:
+          - listeners: [b]
+            policy: hold
+            upstreams: [mta3]
+        upstreams: [{name: mta, host: mta.test, port: 25}]
+        retry: {budget: 900}
+        health: {failures: 0}
+        """
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, source="relay.yaml")
+    assert caught.value.problems == (
+        "spool.workers: expected an integer >= 1, got 0",
+        "spool.backoff.jitter: expected a fraction 0-1, got 2",
+        'routes[0].listeners[0]: no listener named "b"',
+        'routes[0].policy: expected one of "passthrough", "retry", "requeue", got "hold"',
+        'routes[0].upstreams[0]: no upstream named "mta3" (did you mean "mta"?)',
+        f"retry.budget: {BUDGET_EXPECTED}, got 900",
+        "health.failures: expected an integer >= 1, got 0",
+    )
+
+
+# --- Routes: which route matches each listener ------------------------------------------
+
+THREE_LISTENERS = [
+    {"name": "a", "port": 2525},
+    {"name": "b", "port": 2526},
+    {"name": "c", "port": 2527},
+]
+
+
+def no_route(listener: str) -> str:
+    return (
+        f'routes: no route matches listener "{listener}" (name it in a route\'s listeners, '
+        "or add a route that leaves listeners empty)"
+    )
+
+
+def routed(routes: object) -> dict[object, object]:
+    return {"listeners": THREE_LISTENERS, "upstreams": TWO_UPSTREAMS, "routes": routes}
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        pytest.param(
+            [{"listeners": ["a"], "upstreams": ["mta1"]}, {"upstreams": ["mta2"]}],
+            {"a": "route0", "b": "route1", "c": "route1"},
+            id="named-and-rest",
+        ),
+        pytest.param(
+            [{"upstreams": ["mta2"]}, {"listeners": ["c", "a"], "upstreams": ["mta1"]}],
+            {"a": "route1", "b": "route0", "c": "route1"},
+            id="rest-first",
+        ),
+        pytest.param(
+            [{"name": "all", "listeners": None, "upstreams": ["mta1"]}],
+            {"a": "all", "b": "all", "c": "all"},
+            id="listeners-null",
+        ),
+        pytest.param(
+            [
+                {"listeners": ["a"], "upstreams": ["mta1"]},
+                {"listeners": ["b", "c"], "upstreams": ["mta1"]},
+            ],
+            {"a": "route0", "b": "route1", "c": "route1"},
+            id="all-named",
+        ),
+        pytest.param(
+            [
+                {"listeners": ["a", "b", "c"], "upstreams": ["mta1"]},
+                {"name": "unused", "listeners": [], "upstreams": ["mta2"]},
+            ],
+            {"a": "route0", "b": "route0", "c": "route0"},
+            id="rest-matches-nothing",
+        ),
+    ],
+)
+def test_route_for(routes: object, expected: dict[str, str]) -> None:
+    config = parse(routed(routes))
+    assert {name: route_for(config, name).name for name in expected} == expected
+
+
+def test_route_for_implicit_routes() -> None:
+    config = parse(
+        {
+            "listeners": [{"name": "a", "port": 25}, {"name": "b", "port": 26, "upstream": "mta2"}],
+            "upstreams": TWO_UPSTREAMS,
+        }
+    )
+    assert config.routes == (
+        RouteConfig(name="a", listeners=("a",), policy="passthrough", upstreams=("mta1",)),
+        RouteConfig(name="b", listeners=("b",), policy="passthrough", upstreams=("mta2",)),
+    )
+    assert route_for(config, "b") is config.routes[1]
+
+
+def test_listener_upstream_is_ignored_when_routes_exist() -> None:
+    config = parse(
+        {
+            "listeners": [{"name": "a", "port": 25, "upstream": "mta1"}],
+            "upstreams": TWO_UPSTREAMS,
+            "routes": [{"policy": "requeue", "upstreams": ["mta2"]}],
+        }
+    )
+    assert config.listeners[0].upstream == "mta1"
+    assert route_for(config, "a") == RouteConfig(
+        name="route0", listeners=(), policy="requeue", upstreams=("mta2",)
+    )
+
+
+def test_route_for_unknown_listener() -> None:
+    config = parse(routed([{"upstreams": ["mta1"]}]))
+    with pytest.raises(KeyError):
+        route_for(config, "d")
+
+
+def test_route_for_config_built_without_routes() -> None:
+    config = dataclasses.replace(parse(), routes=())
+    with pytest.raises(KeyError):
+        route_for(config, "listener0")
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        pytest.param(
+            [
+                {"name": "first", "listeners": ["a", "b"], "upstreams": ["mta1"]},
+                {"listeners": ["c", "a"], "upstreams": ["mta2"]},
+            ],
+            ['routes[1].listeners[1]: listener "a" already matched by route "first" (routes[0])'],
+            id="named-twice",
+        ),
+        pytest.param(
+            [{"upstreams": ["mta1"]}, {"name": "other", "upstreams": ["mta2"]}],
+            [
+                "routes[1]: only one route may leave listeners empty; "
+                'route "route0" (routes[0]) does'
+            ],
+            id="two-rest-routes",
+        ),
+        pytest.param(
+            [
+                {"listeners": ["a", "b", "c"], "upstreams": ["mta1"]},
+                {"upstreams": ["mta1"]},
+                {"listeners": [], "upstreams": ["mta2"]},
+            ],
+            [
+                "routes[2]: only one route may leave listeners empty; "
+                'route "route1" (routes[1]) does'
+            ],
+            id="two-rest-routes-matching-nothing",
+        ),
+        pytest.param(
+            [{"listeners": ["a"], "upstreams": ["mta1"]}],
+            [no_route("b"), no_route("c")],
+            id="unmatched",
+        ),
+        pytest.param(
+            [{"listeners": ["a", "bb"], "upstreams": ["mta1"]}],
+            ['routes[0].listeners[1]: no listener named "bb" (did you mean "b"?)'],
+            id="unknown-listener-does-not-also-leave-others-unmatched",
+        ),
+        pytest.param(
+            [{"listeners": "a", "upstreams": ["mta1"]}],
+            ['routes[0].listeners: expected a list of listener names, got "a"'],
+            id="broken-listeners-do-not-also-leave-others-unmatched",
+        ),
+        pytest.param(
+            [{"listeners": ["a"], "upstreams": ["mta1"]}, "b"],
+            ['routes[1]: expected a mapping, got "b"'],
+            id="broken-route-does-not-also-leave-others-unmatched",
+        ),
+    ],
+)
+def test_route_coverage_problems(routes: object, expected: list[str]) -> None:
+    assert problems(routed(routes)) == tuple(expected)
+
+
+def test_broken_listener_does_not_flag_route_references() -> None:
+    found = problems(
+        {
+            "listeners": [{"name": "a", "port": 25}, {"name": 5, "port": 26}],
+            "routes": [{"listeners": ["a"], "upstreams": ["upstream0"]}],
+        }
+    )
+    assert found == (f"listeners[1].name: {NAME_EXPECTED}, got 5",)
+
+
 # --- ConfigError ---------------------------------------------------------------
 
 
@@ -614,6 +1235,23 @@ def test_load_config_unreadable(tmp_path: Path, name: str, expected: str) -> Non
 def test_example_config_loads(name: str) -> None:
     config = load_config(CONFIGS / name)
     assert config.source == str(CONFIGS / name)
+    for listener in config.listeners:
+        assert route_for(config, listener.name) in config.routes
+
+
+def test_full_example_routes() -> None:
+    config = load_config(CONFIGS / "smtpwarden.yaml")
+    assert config.routes == (
+        RouteConfig(name="outbound", listeners=("submission",), policy="retry", upstreams=("mta",)),
+        RouteConfig(name="capture", listeners=(), policy="passthrough", upstreams=("capture",)),
+    )
+    assert route_for(config, "submission").name == "outbound"
+    assert route_for(config, "capture").name == "capture"
+
+
+def test_quickstart_has_one_implicit_passthrough_route() -> None:
+    config = load_config(CONFIGS / "quickstart.yaml")
+    assert config.routes == (IMPLICIT_ROUTE,)
 
 
 def test_quickstart_is_the_default() -> None:
@@ -629,12 +1267,79 @@ def test_full_example_shows_every_key_with_its_default() -> None:
     assert set(data["listeners"][0]) == listener_keys
     upstream_keys = {field.name for field in dataclasses.fields(UpstreamConfig)}
     assert set(data["upstreams"][0]) | set(data["upstreams"][1]) == upstream_keys
+    route_keys = {field.name for field in dataclasses.fields(RouteConfig)}
+    assert set(data["routes"][0]) == route_keys
+    for section, keys in [
+        (data["retry"], RetryConfig),
+        (data["health"], HealthConfig),
+        (data["spool"], SpoolConfig),
+        (data["spool"]["backoff"], BackoffConfig),
+    ]:
+        assert set(section) == {field.name for field in dataclasses.fields(keys)}
     config = load_config(CONFIGS / "smtpwarden.yaml")
     assert config.event_loop == "auto"
     assert config.limits == LimitsConfig()
     assert config.timeouts == TimeoutsConfig()
     assert config.shutdown == ShutdownConfig()
     assert config.log == LogConfig()
+    assert config.retry == RetryConfig()
+    assert config.health == HealthConfig()
+    assert config.spool == SpoolConfig(backoff=BackoffConfig())
+
+
+def documented_keys(text: str) -> Iterator[tuple[str, bool]]:
+    """Yield (key path without list indexes, documented) for each key holding a value.
+
+    A key is documented when the comment lines right above it (a list item's
+    "- #" line included) give its default or say it is required.
+    """
+    lines = text.splitlines()
+    root = yaml.compose(text)
+    assert root is not None
+    pending: list[tuple[yaml.Node, str]] = [(root, "")]
+    while pending:
+        node, path = pending.pop()
+        if isinstance(node, yaml.SequenceNode):
+            pending.extend((item, f"{path}[]") for item in node.value)
+            continue
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        for key_node, value_node in node.value:
+            key_path = f"{path}.{key_node.value}" if path else key_node.value
+            is_leaf = isinstance(value_node, yaml.ScalarNode) or (
+                isinstance(value_node, yaml.SequenceNode)
+                and all(isinstance(item, yaml.ScalarNode) for item in value_node.value)
+            )
+            if not is_leaf:
+                pending.append((value_node, key_path))
+                continue
+            comment: list[str] = []
+            for line in reversed(lines[: key_node.start_mark.line]):
+                found = re.match(r"\s*(?:- )?#(.*)", line)
+                if not found:
+                    break
+                comment.append(found[1])
+            text_above = " ".join(comment)
+            yield key_path, "Default:" in text_above or "Required." in text_above
+
+
+def test_full_example_documents_every_key() -> None:
+    found = list(documented_keys((CONFIGS / "smtpwarden.yaml").read_text(encoding="utf-8")))
+    every = {path for path, _ in found}
+    documented = {path for path, is_documented in found if is_documented}
+    assert every == documented
+    for section, keys in [
+        ("listeners[]", ListenerConfig),
+        ("upstreams[]", UpstreamConfig),
+        ("routes[]", RouteConfig),
+        ("retry", RetryConfig),
+        ("health", HealthConfig),
+        ("spool", SpoolConfig),
+        ("spool.backoff", BackoffConfig),
+    ]:
+        for field in dataclasses.fields(keys):
+            if field.name != "backoff":
+                assert f"{section}.{field.name}" in documented
 
 
 # --- Command-line shorthand --------------------------------------------------------
@@ -649,6 +1354,10 @@ def test_default_config() -> None:
     assert config.upstreams == (
         UpstreamConfig(name="upstream0", kind="sink", host="127.0.0.1", port=0, path="./mail"),
     )
+    assert config.routes == (IMPLICIT_ROUTE,)
+    assert config.retry == RetryConfig()
+    assert config.health == HealthConfig()
+    assert config.spool == SpoolConfig(backoff=BackoffConfig())
 
 
 @pytest.mark.parametrize(
@@ -693,6 +1402,17 @@ def test_simple_config(
     assert (only_upstream.kind, only_upstream.host, only_upstream.port) == (kind, host, port)
     assert only_upstream.path == path
     assert config.limits == LimitsConfig()
+    assert config.routes == (
+        RouteConfig(
+            name=only_listener.name,
+            listeners=(only_listener.name,),
+            policy="passthrough",
+            upstreams=(only_upstream.name,),
+        ),
+    )
+    assert route_for(config, only_listener.name) is config.routes[0]
+    assert config.retry == RetryConfig()
+    assert config.spool == SpoolConfig(backoff=BackoffConfig())
 
 
 @pytest.mark.parametrize(
