@@ -43,6 +43,7 @@ def start_relay(loop_kind: str, tmp_path: Path) -> Iterator[StartRelay]:
         limits: Mapping[str, object] | None = None,
         timeouts: Mapping[str, float] | None = None,
         shutdown: Mapping[str, float] | None = None,
+        extra: Mapping[str, object] | None = None,
     ) -> RunningRelay:
         log_path = tmp_path / f"transactions-{len(started)}.jsonl"
         document = relay_config(
@@ -52,6 +53,7 @@ def start_relay(loop_kind: str, tmp_path: Path) -> Iterator[StartRelay]:
             limits=limits,
             timeouts=timeouts,
             shutdown=shutdown,
+            extra=extra,
         )
         relay = RunningRelay(document, log_path)
         started.append(relay)

@@ -117,8 +117,12 @@ def relay_config(
     limits: Mapping[str, object] | None = None,
     timeouts: Mapping[str, float] | None = None,
     shutdown: Mapping[str, float] | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
-    """The configuration document for one listener relaying to one upstream."""
+    """The configuration document for one listener relaying to one upstream.
+
+    ``extra`` adds or replaces top-level sections (routes, more upstreams).
+    """
     return {
         "event_loop": loop_kind,
         "hostname": HOSTNAME,
@@ -128,6 +132,7 @@ def relay_config(
         "timeouts": {**TEST_TIMEOUTS, **(timeouts or {})},
         "shutdown": dict(shutdown or {}),
         "log": {"transactions": str(log_path), "sessions": True, "level": "info"},
+        **(extra or {}),
     }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from smtpwarden.config import Config
+from smtpwarden.config import Config, Policy
 from smtpwarden.net.replies import LocalReplies
 from smtpwarden.net.upstream import Target
 from smtpwarden.observe.txlog import RecordLog
@@ -26,7 +26,9 @@ class ListenerContext:
     """What every session of one listener shares."""
 
     name: str
-    target: Target
+    target: Target  # where sessions connect: the route's first upstream
+    targets: tuple[Target, ...]  # the route's upstreams, in order, for replays
+    delivery: Policy  # the route's policy: passthrough, retry or requeue
     config: Config
     records: RecordLog
     sessions: set[Session]

@@ -23,6 +23,7 @@ class Hold(enum.IntFlag):
     QUEUE = 4  # too many pipelined commands await replies
     CONNECT = 8  # the upstream is not ready yet
     CLIENT = 16  # the client's write buffer is full: it is not reading replies
+    REPLAY = 32  # the end of a held message awaits its reply or a replay
 
 
 class ReadGate:

@@ -22,7 +22,7 @@ import secrets
 import signal
 import time
 
-from smtpwarden.config import Config, UpstreamConfig
+from smtpwarden.config import Config, UpstreamConfig, route_for
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.loop import loop_factory
 from smtpwarden.net.replies import LocalReplies
@@ -76,9 +76,12 @@ class Relay:
         policy = ExtensionPolicy(chunking=True)
         replies = LocalReplies.for_host(config.hostname)
         for listener in config.listeners:
+            route = route_for(config, listener.name)
             ctx = ListenerContext(
                 name=listener.name,
-                target=targets[listener.upstream],
+                target=targets[route.upstreams[0]],
+                targets=tuple(targets[name] for name in route.upstreams),
+                delivery=route.policy,
                 config=config,
                 records=self.records,
                 sessions=self.sessions,

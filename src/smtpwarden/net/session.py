@@ -22,13 +22,17 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import cast
 
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
+from smtpwarden.net.held import HeldMessage
+from smtpwarden.net.replay import replay, transient
 from smtpwarden.net.upstream import connect, reply_timeout
+from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES
 from smtpwarden.protocol.errors import LocalProtocolError, MalformedReply, RemoteProtocolError
 from smtpwarden.protocol.events import PAUSED, BadCommand, Bdat, Body, Command, Signal, Verb
 from smtpwarden.protocol.extensions import reconcile
@@ -79,6 +83,8 @@ class Session(asyncio.Protocol):
         self._client_eof = False
         self._errors = 0  # commands refused locally (limits.max_errors)
         self._resume_pump = False  # buffered client input waits for the reply loop
+        self._held: HeldMessage | None = None  # the message, kept for a replay
+        self._replayer: asyncio.Task[None] | None = None
         self._recipients = 0  # RCPTs sent in the current transaction
         self._stalled_since = 0.0  # when a full write buffer last paused a side
         self._lingering = False
@@ -116,7 +122,13 @@ class Session(asyncio.Protocol):
             upstream=self._upstream_record,
             tls=_NO_TLS,
         )
-        self.tracker = SessionTracker(info=info, now=_now(), epoch_offset=ctx.epoch_offset)
+        replays = None
+        if ctx.delivery != "passthrough":
+            phrases = (*DEFAULT_PHRASES, *ctx.config.retry.phrases)
+            replays = functools.partial(transient, phrases=phrases)
+        self.tracker = SessionTracker(
+            info=info, now=_now(), epoch_offset=ctx.epoch_offset, replays=replays
+        )
         ctx.sessions.add(self)
         if len(ctx.sessions) > ctx.config.limits.max_connections:
             # RFC 5321 3.8 allows 421 at connection time.
@@ -172,7 +184,7 @@ class Session(asyncio.Protocol):
     def _pump_client(self) -> None:
         core = self.core
         limit = self.ctx.config.limits.max_pipelined_commands
-        while not self._has_ended():
+        while not self._has_ended() and not self.gate.holds(Hold.REPLAY):
             try:
                 event = core.next_event()
             except RemoteProtocolError as refused:
@@ -231,9 +243,11 @@ class Session(asyncio.Protocol):
                 self._in_body = True
                 self._body_kind = "bdat"
                 line = command.wire
+                self._hold("bdat")
             case Verb.DATA:
                 self._in_body = True
                 self._body_kind = "data"
+                self._hold("data")
             case Verb.HELO:
                 self._chunking = False  # HELO offers no extensions (RFC 5321 4.1.1.1)
                 self._recipients = 0
@@ -258,9 +272,16 @@ class Session(asyncio.Protocol):
         upstream.write(data)
         self._upstream_bytes += len(data)
         self.tracker.body(data)
+        if self._held is not None:
+            self._held.append(data)
         if body.done and (self._body_kind == "data" or self._chunk_last):
             self._in_body = False
             self.tracker.end_of_body(_now())
+            if self._held is not None:
+                # Nothing more is relayed until this message's end is
+                # answered: a replay's reply must reach the client before
+                # the replies to whatever it pipelined after the message.
+                self.gate.pause(Hold.REPLAY)
 
     def _answer(self, command: Command | None, verb: Verb | None, reply: Reply) -> None:
         out = self.tracker.answered_locally(command, verb, reply, _now())
@@ -321,7 +342,10 @@ class Session(asyncio.Protocol):
                 why = f"reply nobody asked for: {reply.raw[:80]!r}"
                 self._upstream_failed(why, "upstream_unsolicited")
                 return
-            self._on_reply(entry, reply)
+            if tracker.replay is not None:
+                self._start_replay()  # the failure is not relayed: a replay answers
+            else:
+                self._on_reply(entry, reply)
             ready = tracker.ready_replies(now)
             if ready:
                 self._to_client.append(ready)
@@ -375,6 +399,8 @@ class Session(asyncio.Protocol):
                 self.gate.resume(Hold.CONNECT)
             case _:
                 out.append(reply.raw)
+                if entry.body is not None:
+                    self._release_held()
 
     def upstream_lost(self) -> None:
         """The upstream connection closed."""
@@ -386,6 +412,70 @@ class Session(asyncio.Protocol):
             self._upstream_failed(f"malformed reply: {error}", "upstream_malformed")
             return
         self._upstream_failed("connection lost", "upstream_lost")
+
+    def _replay_lost(self) -> bool:
+        """Replay a sent message whose reply will not come, if the policy says so."""
+        if self.ctx.config.retry.lost_outcome != "retry" or self._replayer is not None:
+            return False
+        if not self.tracker.lost_message(_now()):
+            return False
+        self._abort_upstream()
+        self._start_replay()
+        return True
+
+    def _hold(self, kind: str) -> None:
+        if self.ctx.delivery == "passthrough":
+            return
+        if kind == "bdat" and self._held is not None and self._held.kind == "bdat":
+            return  # a further chunk of the same message
+        if self._held is not None:
+            self._held.close()  # what a refused DATA or chunk left behind
+        retry = self.ctx.config.retry
+        self._held = HeldMessage(kind=kind, memory_limit=retry.hold_memory_bytes)
+
+    def _release_held(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+        self.gate.resume(Hold.REPLAY)
+        self._resume_pump = True
+
+    def _start_replay(self) -> None:
+        self.gate.pause(Hold.REPLAY)
+        self._replayer = asyncio.get_running_loop().create_task(self._run_replay())
+
+    async def _run_replay(self) -> None:
+        wanted, held = self.tracker.replay, self._held
+        if wanted is None or held is None:
+            raise LocalProtocolError("a replay with nothing to replay")
+        ctx = self.ctx
+        config = ctx.config
+        result = await replay(
+            wanted=wanted,
+            held=held,
+            targets=ctx.targets,
+            first=ctx.target,
+            retry=config.retry,
+            timeouts=config.timeouts,
+            limits=config.limits,
+            hostname=config.hostname,
+        )
+        self._replayer = None
+        if self._closed:
+            return
+        info = ReplyInfo.of(result.reply, local=result.local)
+        self.tracker.end_replay(info, result.outcome, result.attempts, _now())
+        self._write_records()
+        self._to_client.append(result.reply.raw)
+        if self.upstream is None:
+            # The upstream connection went with the lost reply; the message
+            # has its answer, and the session ends here.
+            self._end(self.ctx.replies.upstream_failed, "upstream_lost")
+            return
+        self._release_held()
+        self._resume_pump = False
+        self._pump_client()
+        self._flush()
 
     def upstream_full(self) -> None:
         """The upstream's write buffer passed its high-water mark."""
@@ -400,6 +490,8 @@ class Session(asyncio.Protocol):
         log.warning(
             "session %s: upstream %s: %s", self.tracker.info.session_id, self.ctx.target.name, why
         )
+        if self._held is not None and self._replay_lost():
+            return
         self._abort_upstream()
         self._end(self.ctx.replies.upstream_failed, reason, failed=True)
 
@@ -412,8 +504,8 @@ class Session(asyncio.Protocol):
         upstream that stops reading the message is timed as an upstream,
         not blamed on the client whose reading was paused for it.
         """
-        if self._closed or self._connector is not None:
-            return  # connecting has a timeout of its own
+        if self._closed or self._connector is not None or self._replayer is not None:
+            return  # connecting and replays have deadlines of their own
         timeouts = self.ctx.config.timeouts
         gate = self.gate
         replies = self.ctx.replies
@@ -427,6 +519,8 @@ class Session(asyncio.Protocol):
         entry = self.tracker.oldest()
         if entry is not None and entry.local is None:
             if now - entry.sent_at > reply_timeout(entry, timeouts):
+                if self._held is not None and self._replay_lost():
+                    return
                 self._abort_upstream()
                 self._end(replies.upstream_timeout, "upstream_timeout", failed=True)
             return
@@ -502,6 +596,10 @@ class Session(asyncio.Protocol):
             self.upstream = None
         if self._connector is not None:
             self._connector.cancel()
+        if self._replayer is not None:
+            self._replayer.cancel()
+        if self._held is not None:
+            self._held.close()
         record = self.tracker.close(
             reason=reason,
             now=_now(),

@@ -1,0 +1,125 @@
+"""Replaying a failed transaction on fresh upstream connections.
+
+PRODUCT.md, policy "retry": when the end of a message that followed 2xx
+replies gets a transient failure (a 4xx, a 250 that contradicts itself, no
+reply at all), smtpwarden replays the transaction (EHLO, MAIL with its
+parameters, the recipients the upstream had accepted, the held message) on a
+fresh connection, the next upstream of the route first, within a budget of
+attempts and time that ends well before the client's own DATA timeout. The
+client gets the first success; a permanent failure goes back unchanged;
+when the budget is spent the client gets a 4xx and keeps the message.
+
+A replay succeeds only when every recipient is accepted again and the end
+of the message gets a 2xx that does not contradict itself: a partial
+success would answer 2xx for recipients that never got the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from smtpwarden.config import LimitsConfig, RetryConfig, TimeoutsConfig
+from smtpwarden.net.delivery import Attempt, Envelope, deliver
+from smtpwarden.net.held import HeldMessage
+from smtpwarden.net.upstream import Target
+from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES, contradiction
+from smtpwarden.protocol.records import Outcome
+from smtpwarden.protocol.replies import Reply, make_reply
+from smtpwarden.protocol.tracker import Replay
+
+log = logging.getLogger("smtpwarden.replay")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplayResult:
+    """What the client is told, and how the transaction is recorded."""
+
+    reply: Reply
+    local: bool  # smtpwarden's own reply, not an upstream's
+    outcome: Outcome
+    attempts: int  # upstream attempts in all, the first included
+
+
+def transient(reply: Reply, phrases: Sequence[str] = DEFAULT_PHRASES) -> bool:
+    """True if ``reply``, ending a sent message, calls for a replay."""
+    if reply.code // 100 == 4:
+        return True
+    return reply.code // 100 == 2 and (
+        contradiction(reply.code, reply.enhanced, reply.text, phrases=phrases) is not None
+    )
+
+
+def replay_order(targets: Sequence[Target], first: Target, attempts: int) -> list[Target]:
+    """The upstreams to try, in turn: the one after ``first``, then around."""
+    names = [target.name for target in targets]
+    start = (names.index(first.name) + 1) if first.name in names else 0
+    return [targets[(start + i) % len(targets)] for i in range(attempts)]
+
+
+async def replay(
+    *,
+    wanted: Replay,
+    held: HeldMessage,
+    targets: Sequence[Target],
+    first: Target,
+    retry: RetryConfig,
+    timeouts: TimeoutsConfig,
+    limits: LimitsConfig,
+    hostname: str,
+) -> ReplayResult:
+    """Replay the transaction until it succeeds or the budget is spent."""
+    phrases = (*DEFAULT_PHRASES, *retry.phrases)
+    envelope = Envelope(
+        mail_from=wanted.mail.line,
+        recipients=tuple(rcpt.line for rcpt in wanted.recipients),
+        body="data" if held.kind == "data" else "bdat",
+    )
+    deadline = time.monotonic() + retry.budget
+    made = 1
+    for target in replay_order(targets, first, retry.attempts):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        made += 1
+        try:
+            async with asyncio.timeout(left):
+                attempt = await deliver(
+                    target,
+                    envelope,
+                    held,
+                    hostname=hostname,
+                    timeouts=timeouts,
+                    limits=limits,
+                )
+        except TimeoutError:
+            log.info("replay on %s ran out of budget", target.name)
+            break
+        verdict = _verdict(attempt, len(envelope.recipients), phrases)
+        log.info("replay %d on %s: %s", made - 1, target.name, attempt.error or attempt.final)
+        if verdict is not None:
+            return ReplayResult(reply=verdict[0], local=False, outcome=verdict[1], attempts=made)
+    reply = make_reply(
+        451, "4.4.0", f"{hostname} Upstream failed after {made} attempts, try again later"
+    )
+    return ReplayResult(reply=reply, local=True, outcome=Outcome.DEFERRED, attempts=made)
+
+
+def _verdict(
+    attempt: Attempt, recipients: int, phrases: Sequence[str]
+) -> tuple[Reply, Outcome] | None:
+    """The reply that ends the replays, or None to try again."""
+    final = attempt.final
+    if final is not None and final.code // 100 == 5:
+        return final, Outcome.REJECTED  # permanent: back to the client unchanged
+    if (
+        attempt.succeeded
+        and final is not None
+        and len(attempt.accepted) == recipients
+        and not transient(final, phrases)
+    ):
+        return final, Outcome.RETRIED
+    return None

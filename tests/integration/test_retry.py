@@ -1,0 +1,169 @@
+"""The retry policy: a transient failure after 2xx is replayed, not relayed.
+
+Two scripted upstreams, "a" (the session's) and "b" (the next in the
+route). What the client is told, what each upstream received, and what the
+record says, for each pattern PRODUCT.md lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import pytest
+
+from integration.external_tools import SmtpSink
+from integration.recording_upstreams import RawUpstream
+from integration.relay_harness import RunningRelay, StartRelay, WireClient
+
+BODY = b"Subject: retry\r\n\r\n..a stuffed line\r\nend\r\n"
+SECTION = BODY + b".\r\n"
+
+
+def start_retrying(
+    start_relay: StartRelay,
+    a: Mapping[str, object],
+    b: Mapping[str, object],
+    *,
+    policy: str = "retry",
+    retry: Mapping[str, object] | None = None,
+) -> RunningRelay:
+    extra = {
+        "upstreams": [{"name": "a", **a}, {"name": "b", **b}],
+        "listeners": [{"name": "main", "host": "127.0.0.1", "port": 0, "upstream": "a"}],
+        "routes": [{"name": "main", "policy": policy, "upstreams": ["a", "b"]}],
+        "retry": {"attempts": 3, "budget": 20, **(retry or {})},
+    }
+    return start_relay(a, extra=extra)
+
+
+def send(relay: RunningRelay) -> tuple[int, bytes]:
+    with WireClient(relay.address()) as client:
+        client.open_data()
+        client.send(SECTION)
+        code, raw = client.reply()
+        client.send(b"QUIT\r\n")
+        client.read_to_eof()
+        return code, raw
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [b"451 4.3.0 Temporary local problem\r\n", b"250 Mail transaction failed: http://x/f.aspx\r\n"],
+    ids=["deferred-failure", "contradictory-250"],
+)
+def test_a_transient_failure_is_replayed_on_the_next_upstream(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], failure: bytes
+) -> None:
+    a = make_raw_upstream(replies={".": failure})
+    b = make_raw_upstream()
+    relay = start_retrying(start_relay, a.config, b.config)
+    code, raw = send(relay)
+    assert (code, raw) == (250, b"250 2.0.0 Ok: queued\r\n")
+    assert a.wait_all_ended()[0].data == [SECTION]
+    (replayed,) = b.wait_all_ended()
+    assert replayed.data == [SECTION]
+    assert replayed.commands[1:3] == [
+        b"MAIL FROM:<sender@example.org>\r\n",
+        b"RCPT TO:<rcpt@example.net>\r\n",
+    ]
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert record["outcome"] == "retried"
+    assert record["attempts"] == 2
+    assert record["final_reply"]["code"] == 250
+    assert record["final_reply"]["local"] is False
+    assert record["timeline"][-1]["command"] == "."
+
+
+def test_a_permanent_failure_goes_back_unchanged(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream]
+) -> None:
+    a = make_raw_upstream(replies={".": b"554 5.7.1 Message refused\r\n"})
+    b = make_raw_upstream()
+    relay = start_retrying(start_relay, a.config, b.config)
+    assert send(relay) == (554, b"554 5.7.1 Message refused\r\n")
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert (record["outcome"], record["attempts"]) == ("rejected", 1)
+    b.close()
+    assert b.connections == []
+
+
+def test_a_spent_budget_answers_4xx_and_the_client_keeps_the_message(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream]
+) -> None:
+    failing = {".": b"451 4.3.0 Still failing\r\n"}
+    a = make_raw_upstream(replies=failing)
+    b = make_raw_upstream(replies=failing)
+    relay = start_retrying(start_relay, a.config, b.config, retry={"attempts": 3})
+    code, raw = send(relay)
+    assert code == 451
+    assert raw.startswith(b"451 4.4.0 relay.test Upstream failed after 4 attempts")
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert (record["outcome"], record["attempts"]) == ("deferred", 4)
+    assert record["final_reply"]["local"] is True
+    # a: the session's attempt and the third replay; b: the first and second.
+    assert len(a.wait_all_ended(2)) == 2
+    assert len(b.wait_all_ended(2)) == 2
+
+
+def test_passthrough_relays_the_failure(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream]
+) -> None:
+    a = make_raw_upstream(replies={".": b"451 4.3.0 Temporary local problem\r\n"})
+    b = make_raw_upstream()
+    relay = start_retrying(start_relay, a.config, b.config, policy="passthrough")
+    assert send(relay) == (451, b"451 4.3.0 Temporary local problem\r\n")
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert record["outcome"] == "deferred"
+    assert record["diagnosis"]["pattern"] == "deferred_failure"
+
+
+def test_the_session_goes_on_after_a_replay(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream]
+) -> None:
+    a = make_raw_upstream(replies={".": b"451 4.3.0 Temporary local problem\r\n"})
+    b = make_raw_upstream()
+    relay = start_retrying(start_relay, a.config, b.config)
+    with WireClient(relay.address()) as client:
+        client.open_data()
+        # The next transaction is pipelined behind the end of the message.
+        client.send(
+            SECTION + b"MAIL FROM:<second@example.org>\r\nRCPT TO:<r2@example.net>\r\nDATA\r\n"
+        )
+        assert client.reply()[0] == 250
+        client.expect(250)
+        client.expect(250)
+        client.expect(354)
+        client.send(SECTION)
+        assert client.reply()[0] == 250
+        client.command(b"QUIT\r\n", 221)
+    records = relay.wait_records(lambda rs: len(rs) == 2, "transaction")
+    assert [r["outcome"] for r in records] == ["retried", "retried"]
+    assert [r["mail_from"]["address"] for r in records] == [
+        "sender@example.org",
+        "second@example.org",
+    ]
+    assert len(b.wait_all_ended(2)) == 2
+
+
+@pytest.mark.postfix
+def test_a_lost_outcome_is_replayed(
+    start_relay: StartRelay,
+    make_smtp_sink: Callable[..., SmtpSink],
+    make_raw_upstream: Callable[..., RawUpstream],
+) -> None:
+    # smtp-sink -q .: the connection drops after the final dot, no reply.
+    a = make_smtp_sink(options=("-q", "."))
+    b = make_raw_upstream()
+    a_config = {"kind": "smtp", "host": "127.0.0.1", "port": a.port}
+    relay = start_retrying(start_relay, a_config, b.config)
+    with WireClient(relay.address()) as client:
+        client.open_data()
+        client.send(SECTION)
+        assert client.reply() == (250, b"250 2.0.0 Ok: queued\r\n")
+        # The session's upstream connection is gone: it ends after the answer.
+        assert client.reply()[0] == 421
+    (replayed,) = b.wait_all_ended()
+    assert replayed.data == [SECTION]
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert (record["outcome"], record["attempts"]) == ("retried", 2)
+    assert record["timeline"][-1]["code"] is None
