@@ -184,7 +184,9 @@ class Session(asyncio.Protocol):
     def _pump_client(self) -> None:
         core = self.core
         limit = self.ctx.config.limits.max_pipelined_commands
-        while not self._has_ended() and not self.gate.holds(Hold.REPLAY):
+        # Input that arrives while the upstream is not ready yet (a read
+        # already under way when reading paused) waits in the core.
+        while not self._has_ended() and not self.gate.holds(Hold.REPLAY | Hold.CONNECT):
             try:
                 event = core.next_event()
             except RemoteProtocolError as refused:
@@ -397,6 +399,7 @@ class Session(asyncio.Protocol):
             case None if entry.name == "CONNECT":
                 out.append(reply.raw)
                 self.gate.resume(Hold.CONNECT)
+                self._resume_pump = True
             case _:
                 out.append(reply.raw)
                 if entry.body is not None:
