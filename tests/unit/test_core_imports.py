@@ -59,6 +59,7 @@ ALLOWED = {
     "config": {"smtpwarden.configcheck"},
     "configcheck": set(),
     "observe": {"smtpwarden.protocol"},
+    "spool": {"smtpwarden.protocol"},
 }
 
 

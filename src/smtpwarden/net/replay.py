@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from smtpwarden.config import LimitsConfig, RetryConfig, TimeoutsConfig
+from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.delivery import Attempt, Envelope, deliver
 from smtpwarden.net.held import HeldMessage
 from smtpwarden.net.upstream import Target
@@ -123,3 +124,68 @@ def _verdict(
     ):
         return final, Outcome.RETRIED
     return None
+
+
+class Guard:
+    """One session's held message and its replay, under retry or requeue.
+
+    Under passthrough it holds nothing and never replays.
+    """
+
+    __slots__ = ("_ctx", "held", "task")
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self._ctx = ctx
+        self.held: HeldMessage | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def replaying(self) -> bool:
+        """True while a replay runs."""
+        return self.task is not None
+
+    def hold(self, kind: str) -> None:
+        """A message starts (DATA, or a first BDAT chunk): keep a copy of it."""
+        if self._ctx.delivery == "passthrough":
+            return
+        if kind == "bdat" and self.held is not None and self.held.kind == "bdat":
+            return  # a further chunk of the same message
+        self.release()  # what a refused DATA or chunk left behind
+        self.held = HeldMessage(kind=kind, memory_limit=self._ctx.config.retry.hold_memory_bytes)
+
+    def release(self) -> None:
+        """The message has its answer: forget the copy."""
+        if self.held is not None:
+            self.held.close()
+            self.held = None
+
+    def start(self, wanted: Replay, done: Callable[[ReplayResult], None]) -> None:
+        """Replay in a task; ``done`` gets the result unless ``cancel`` came first."""
+        held = self.held
+        if held is None:
+            raise ValueError("a replay with no held message")
+        ctx = self._ctx
+        config = ctx.config
+
+        async def run() -> None:
+            result = await replay(
+                wanted=wanted,
+                held=held,
+                targets=ctx.targets,
+                first=ctx.target,
+                retry=config.retry,
+                timeouts=config.timeouts,
+                limits=config.limits,
+                hostname=config.hostname,
+            )
+            self.task = None
+            done(result)
+
+        self.task = asyncio.get_running_loop().create_task(run())
+
+    def cancel(self) -> None:
+        """The session ends: stop any replay and drop the copy."""
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self.release()

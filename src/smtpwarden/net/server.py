@@ -24,9 +24,10 @@ import time
 
 from smtpwarden.config import Config, UpstreamConfig, route_for
 from smtpwarden.net.context import ListenerContext
+from smtpwarden.net.ending import LINGER_S
 from smtpwarden.net.loop import loop_factory
 from smtpwarden.net.replies import LocalReplies
-from smtpwarden.net.session import LINGER_S, Session
+from smtpwarden.net.session import Session
 from smtpwarden.net.sink import start_sink
 from smtpwarden.net.upstream import Target
 from smtpwarden.observe.txlog import RecordLog

@@ -28,9 +28,9 @@ import time
 from typing import cast
 
 from smtpwarden.net.context import ListenerContext
+from smtpwarden.net.ending import SessionEnd
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
-from smtpwarden.net.held import HeldMessage
-from smtpwarden.net.replay import replay, transient
+from smtpwarden.net.replay import Guard, ReplayResult, transient
 from smtpwarden.net.upstream import connect, reply_timeout
 from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES
 from smtpwarden.protocol.errors import LocalProtocolError, MalformedReply, RemoteProtocolError
@@ -48,19 +48,11 @@ log = logging.getLogger("smtpwarden.session")
 # resolution (uvloop's loop.time() counts whole milliseconds).
 _now = time.monotonic
 
-# After a closing reply, how long to keep reading (and dropping) what the
-# client still sends, so that the reply is read rather than lost to a reset.
-LINGER_S = 2.0
-
 _NO_TLS = Tls()
 
 
-class Session(asyncio.Protocol):
+class Session(SessionEnd):
     """One client connection relayed to one upstream connection."""
-
-    client: asyncio.Transport
-    gate: ReadGate
-    tracker: SessionTracker
 
     def __init__(self, ctx: ListenerContext, upstream: Upstream) -> None:
         self.ctx = ctx
@@ -83,25 +75,13 @@ class Session(asyncio.Protocol):
         self._client_eof = False
         self._errors = 0  # commands refused locally (limits.max_errors)
         self._resume_pump = False  # buffered client input waits for the reply loop
-        self._held: HeldMessage | None = None  # the message, kept for a replay
-        self._replayer: asyncio.Task[None] | None = None
+        self.guard = Guard(ctx)  # the held message and its replay
         self._recipients = 0  # RCPTs sent in the current transaction
         self._stalled_since = 0.0  # when a full write buffer last paused a side
         self._lingering = False
         self._last_client = _now()
         self._client_bytes = 0
         self._upstream_bytes = 0
-
-    @property
-    def closed(self) -> bool:
-        """True once the session has ended (records written, sockets closing)."""
-        return self._closed
-
-    def _has_ended(self) -> bool:
-        # The same as ``closed``, as a call: mypy keeps an attribute it has
-        # narrowed narrowed across calls that change it, and loops here call
-        # handlers that may end the session.
-        return self._closed
 
     # -- the client's connection ---------------------------------------------
 
@@ -245,11 +225,11 @@ class Session(asyncio.Protocol):
                 self._in_body = True
                 self._body_kind = "bdat"
                 line = command.wire
-                self._hold("bdat")
+                self.guard.hold("bdat")
             case Verb.DATA:
                 self._in_body = True
                 self._body_kind = "data"
-                self._hold("data")
+                self.guard.hold("data")
             case Verb.HELO:
                 self._chunking = False  # HELO offers no extensions (RFC 5321 4.1.1.1)
                 self._recipients = 0
@@ -274,12 +254,13 @@ class Session(asyncio.Protocol):
         upstream.write(data)
         self._upstream_bytes += len(data)
         self.tracker.body(data)
-        if self._held is not None:
-            self._held.append(data)
+        held = self.guard.held
+        if held is not None:
+            held.append(data)
         if body.done and (self._body_kind == "data" or self._chunk_last):
             self._in_body = False
             self.tracker.end_of_body(_now())
-            if self._held is not None:
+            if held is not None:
                 # Nothing more is relayed until this message's end is
                 # answered: a replay's reply must reach the client before
                 # the replies to whatever it pipelined after the message.
@@ -418,52 +399,27 @@ class Session(asyncio.Protocol):
 
     def _replay_lost(self) -> bool:
         """Replay a sent message whose reply will not come, if the policy says so."""
-        if self.ctx.config.retry.lost_outcome != "retry" or self._replayer is not None:
+        if self.guard.held is None or self.guard.replaying:
             return False
-        if not self.tracker.lost_message(_now()):
+        if self.ctx.config.retry.lost_outcome != "retry" or not self.tracker.lost_message(_now()):
             return False
         self._abort_upstream()
         self._start_replay()
         return True
 
-    def _hold(self, kind: str) -> None:
-        if self.ctx.delivery == "passthrough":
-            return
-        if kind == "bdat" and self._held is not None and self._held.kind == "bdat":
-            return  # a further chunk of the same message
-        if self._held is not None:
-            self._held.close()  # what a refused DATA or chunk left behind
-        retry = self.ctx.config.retry
-        self._held = HeldMessage(kind=kind, memory_limit=retry.hold_memory_bytes)
-
     def _release_held(self) -> None:
-        if self._held is not None:
-            self._held.close()
-            self._held = None
+        self.guard.release()
         self.gate.resume(Hold.REPLAY)
         self._resume_pump = True
 
     def _start_replay(self) -> None:
-        self.gate.pause(Hold.REPLAY)
-        self._replayer = asyncio.get_running_loop().create_task(self._run_replay())
-
-    async def _run_replay(self) -> None:
-        wanted, held = self.tracker.replay, self._held
-        if wanted is None or held is None:
+        wanted = self.tracker.replay
+        if wanted is None:
             raise LocalProtocolError("a replay with nothing to replay")
-        ctx = self.ctx
-        config = ctx.config
-        result = await replay(
-            wanted=wanted,
-            held=held,
-            targets=ctx.targets,
-            first=ctx.target,
-            retry=config.retry,
-            timeouts=config.timeouts,
-            limits=config.limits,
-            hostname=config.hostname,
-        )
-        self._replayer = None
+        self.gate.pause(Hold.REPLAY)
+        self.guard.start(wanted, self._replayed)
+
+    def _replayed(self, result: ReplayResult) -> None:
         if self._closed:
             return
         info = ReplyInfo.of(result.reply, local=result.local)
@@ -493,7 +449,7 @@ class Session(asyncio.Protocol):
         log.warning(
             "session %s: upstream %s: %s", self.tracker.info.session_id, self.ctx.target.name, why
         )
-        if self._held is not None and self._replay_lost():
+        if self._replay_lost():
             return
         self._abort_upstream()
         self._end(self.ctx.replies.upstream_failed, reason, failed=True)
@@ -507,7 +463,7 @@ class Session(asyncio.Protocol):
         upstream that stops reading the message is timed as an upstream,
         not blamed on the client whose reading was paused for it.
         """
-        if self._closed or self._connector is not None or self._replayer is not None:
+        if self._closed or self._connector is not None or self.guard.replaying:
             return  # connecting and replays have deadlines of their own
         timeouts = self.ctx.config.timeouts
         gate = self.gate
@@ -522,7 +478,7 @@ class Session(asyncio.Protocol):
         entry = self.tracker.oldest()
         if entry is not None and entry.local is None:
             if now - entry.sent_at > reply_timeout(entry, timeouts):
-                if self._held is not None and self._replay_lost():
+                if self._replay_lost():
                     return
                 self._abort_upstream()
                 self._end(replies.upstream_timeout, "upstream_timeout", failed=True)
@@ -533,113 +489,3 @@ class Session(asyncio.Protocol):
             if self._in_body:
                 self._abort_upstream()
             self._end(replies.client_timeout, "client_timeout")
-
-    def drain(self) -> None:
-        """Close now if between transactions; the relay is shutting down."""
-        if self._closed or self.tracker.awaiting or self.tracker.in_transaction or self._in_body:
-            return
-        self._end(self.ctx.replies.shutting_down, "shutdown")
-
-    def force_close(self) -> None:
-        """Close now whatever the phase: the shutdown deadline has passed."""
-        if self._closed:
-            return
-        if self._in_body:
-            self._abort_upstream()
-        self._end(self.ctx.replies.shutting_down, "shutdown", failed=True)
-
-    def abandon(self) -> None:
-        """Close the client connection now, lingering or not (process exit)."""
-        self.client.close()
-
-    # -- closing ---------------------------------------------------------------
-
-    def _client_gone(self, reason: str) -> None:
-        if self._in_body:
-            self._abort_upstream()
-        self._end(None, reason)
-
-    def _abort_upstream(self) -> None:
-        if self.upstream is not None:
-            self.upstream.abort()
-            self.upstream = None
-
-    def _end(
-        self,
-        reply: Reply | None,
-        reason: str,
-        *,
-        failed: bool = False,
-        upstream_failure: Reply | None = None,
-    ) -> None:
-        """Finish the session: optional closing reply, records, both sockets.
-
-        ``failed`` says the closing reply reports an upstream failure, and
-        ``upstream_failure`` is the upstream's own closing reply: either way
-        an open transaction is recorded as deferred rather than aborted.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        if reply is not None:
-            self._to_client.append(reply.raw)
-        self._flush()
-        failure = None
-        if upstream_failure is not None:
-            failure = ReplyInfo.of(upstream_failure, local=False)
-        elif failed and reply is not None:
-            failure = ReplyInfo.of(reply, local=True)
-        upstream = self.upstream
-        if upstream is not None:
-            # Between transactions: take leave politely. Every path that
-            # ends a session mid-message has aborted the upstream already.
-            if not self._quitting:
-                upstream.write(b"QUIT\r\n")
-            upstream.close()
-            self.upstream = None
-        if self._connector is not None:
-            self._connector.cancel()
-        if self._replayer is not None:
-            self._replayer.cancel()
-        if self._held is not None:
-            self._held.close()
-        record = self.tracker.close(
-            reason=reason,
-            now=_now(),
-            client_bytes=self._client_bytes,
-            upstream_bytes=self._upstream_bytes,
-            failure=failure,
-        )
-        self._write_records()
-        self.ctx.records.write_session(record)
-        self.ctx.on_end()
-        self._close_client(lingering=reply is not None)
-
-    def _close_client(self, *, lingering: bool) -> None:
-        client = self.client
-        if client.is_closing():
-            return
-        if lingering and client.can_write_eof():
-            # Half-close, then drop what still arrives for a moment: closing
-            # with unread input would reset the connection and could destroy
-            # the reply before the client reads it.
-            client.write_eof()
-            self._lingering = True
-            self.gate.release()
-            asyncio.get_running_loop().call_later(LINGER_S, client.close)
-        else:
-            client.close()
-
-    def _flush(self) -> None:
-        out = self._to_client
-        if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            if data and not self.client.is_closing():
-                self.client.write(data)
-
-    def _write_records(self) -> None:
-        records = self.ctx.records
-        for record in self.tracker.records:
-            records.write(record)
-        self.tracker.records.clear()

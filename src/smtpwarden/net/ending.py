@@ -1,0 +1,165 @@
+"""How a relayed session ends: the closing half of ``Session``.
+
+Every way out goes through ``_end``: the closing reply (if any) is written,
+the upstream connection is closed politely between transactions (every path
+that ends a session mid-message has aborted it already), the tracker writes
+the open transaction's record and the session's, and the client connection
+is half-closed and drained for a moment so the reply is read, not reset.
+Shutdown asks sessions to end between transactions (``drain``) and, past
+its grace, ends them wherever they are (``force_close``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from smtpwarden.net.context import ListenerContext
+from smtpwarden.net.flow import ReadGate
+from smtpwarden.net.replay import Guard
+from smtpwarden.protocol.records import ReplyInfo
+from smtpwarden.protocol.replies import Reply
+from smtpwarden.protocol.tracker import SessionTracker
+
+# After a closing reply, how long to keep reading (and dropping) what the
+# client still sends, so that the reply is read rather than lost to a reset.
+LINGER_S = 2.0
+
+_now = time.monotonic
+
+
+class SessionEnd(asyncio.Protocol):
+    """The state every ending needs, and the ways to end. See the module doc."""
+
+    ctx: ListenerContext
+    client: asyncio.Transport
+    gate: ReadGate
+    tracker: SessionTracker
+    guard: Guard
+    upstream: asyncio.Transport | None
+    _connector: asyncio.Task[None] | None
+    _closed: bool
+    _to_client: list[bytes]
+    _in_body: bool
+    _quitting: bool
+    _lingering: bool
+    _client_bytes: int
+    _upstream_bytes: int
+
+    @property
+    def closed(self) -> bool:
+        """True once the session has ended (records written, sockets closing)."""
+        return self._closed
+
+    def _has_ended(self) -> bool:
+        # The same as ``closed``, as a call: mypy keeps an attribute it has
+        # narrowed narrowed across calls that change it, and loops here call
+        # handlers that may end the session.
+        return self._closed
+
+    def drain(self) -> None:
+        """Close now if between transactions; the relay is shutting down."""
+        if self._closed or self.tracker.awaiting or self.tracker.in_transaction or self._in_body:
+            return
+        self._end(self.ctx.replies.shutting_down, "shutdown")
+
+    def force_close(self) -> None:
+        """Close now whatever the phase: the shutdown deadline has passed."""
+        if self._closed:
+            return
+        if self._in_body:
+            self._abort_upstream()
+        self._end(self.ctx.replies.shutting_down, "shutdown", failed=True)
+
+    def abandon(self) -> None:
+        """Close the client connection now, lingering or not (process exit)."""
+        self.client.close()
+
+    # -- closing ---------------------------------------------------------------
+
+    def _client_gone(self, reason: str) -> None:
+        if self._in_body:
+            self._abort_upstream()
+        self._end(None, reason)
+
+    def _abort_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+
+    def _end(
+        self,
+        reply: Reply | None,
+        reason: str,
+        *,
+        failed: bool = False,
+        upstream_failure: Reply | None = None,
+    ) -> None:
+        """Finish the session: optional closing reply, records, both sockets.
+
+        ``failed`` says the closing reply reports an upstream failure, and
+        ``upstream_failure`` is the upstream's own closing reply: either way
+        an open transaction is recorded as deferred rather than aborted.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if reply is not None:
+            self._to_client.append(reply.raw)
+        self._flush()
+        failure = None
+        if upstream_failure is not None:
+            failure = ReplyInfo.of(upstream_failure, local=False)
+        elif failed and reply is not None:
+            failure = ReplyInfo.of(reply, local=True)
+        upstream = self.upstream
+        if upstream is not None:
+            # Between transactions: take leave politely. Every path that
+            # ends a session mid-message has aborted the upstream already.
+            if not self._quitting:
+                upstream.write(b"QUIT\r\n")
+            upstream.close()
+            self.upstream = None
+        if self._connector is not None:
+            self._connector.cancel()
+        self.guard.cancel()
+        record = self.tracker.close(
+            reason=reason,
+            now=_now(),
+            client_bytes=self._client_bytes,
+            upstream_bytes=self._upstream_bytes,
+            failure=failure,
+        )
+        self._write_records()
+        self.ctx.records.write_session(record)
+        self.ctx.on_end()
+        self._close_client(lingering=reply is not None)
+
+    def _close_client(self, *, lingering: bool) -> None:
+        client = self.client
+        if client.is_closing():
+            return
+        if lingering and client.can_write_eof():
+            # Half-close, then drop what still arrives for a moment: closing
+            # with unread input would reset the connection and could destroy
+            # the reply before the client reads it.
+            client.write_eof()
+            self._lingering = True
+            self.gate.release()
+            asyncio.get_running_loop().call_later(LINGER_S, client.close)
+        else:
+            client.close()
+
+    def _flush(self) -> None:
+        out = self._to_client
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            if data and not self.client.is_closing():
+                self.client.write(data)
+
+    def _write_records(self) -> None:
+        records = self.ctx.records
+        for record in self.tracker.records:
+            records.write(record)
+        self.tracker.records.clear()
