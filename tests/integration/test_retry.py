@@ -7,13 +7,16 @@ record says, for each pattern PRODUCT.md lists.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import pytest
 
 from integration.external_tools import SmtpSink
 from integration.recording_upstreams import RawUpstream
 from integration.relay_harness import RunningRelay, StartRelay, WireClient
+from smtpwarden.spool.store import Spool
 
 BODY = b"Subject: retry\r\n\r\n..a stuffed line\r\nend\r\n"
 SECTION = BODY + b".\r\n"
@@ -26,13 +29,16 @@ def start_retrying(
     *,
     policy: str = "retry",
     retry: Mapping[str, object] | None = None,
+    spool: Mapping[str, object] | None = None,
 ) -> RunningRelay:
-    extra = {
+    extra: dict[str, object] = {
         "upstreams": [{"name": "a", **a}, {"name": "b", **b}],
         "listeners": [{"name": "main", "host": "127.0.0.1", "port": 0, "upstream": "a"}],
         "routes": [{"name": "main", "policy": policy, "upstreams": ["a", "b"]}],
         "retry": {"attempts": 3, "budget": 20, **(retry or {})},
     }
+    if spool is not None:
+        extra["spool"] = dict(spool)
     return start_relay(a, extra=extra)
 
 
@@ -167,3 +173,58 @@ def test_a_lost_outcome_is_replayed(
     (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
     assert (record["outcome"], record["attempts"]) == ("retried", 2)
     assert record["timeline"][-1]["code"] is None
+
+
+def test_requeue_spools_what_the_replays_could_not_deliver(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], tmp_path: Path
+) -> None:
+    failing = {".": b"451 4.3.0 Still failing\r\n"}
+    a = make_raw_upstream(replies=failing)
+    b = make_raw_upstream(replies=failing)
+    spool = tmp_path / "spool"
+    relay = start_retrying(
+        start_relay,
+        a.config,
+        b.config,
+        policy="requeue",
+        retry={"attempts": 1},
+        spool={"path": str(spool)},
+    )
+    code, raw = send(relay)
+    assert code == 250
+    queue_id = raw.split(b"queued as ")[1].strip().decode()
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert (record["outcome"], record["attempts"]) == ("requeued", 2)
+    assert record["final_reply"]["local"] is True
+    relay.stop()
+    with Spool(spool) as reopened:
+        entry = reopened.get(queue_id)
+        assert entry.mail_from == b"MAIL FROM:<sender@example.org>"
+        assert [r.line for r in entry.recipients] == [b"RCPT TO:<rcpt@example.net>"]
+        with reopened.open_message(queue_id) as message:
+            assert message.read() == SECTION
+
+
+def test_a_spool_that_cannot_take_the_message_leaves_the_client_a_4xx(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], tmp_path: Path
+) -> None:
+    failing = {".": b"451 4.3.0 Still failing\r\n"}
+    a = make_raw_upstream(replies=failing)
+    b = make_raw_upstream(replies=failing)
+    spool = tmp_path / "spool"
+    relay = start_retrying(
+        start_relay,
+        a.config,
+        b.config,
+        policy="requeue",
+        retry={"attempts": 1},
+        spool={"path": str(spool)},
+    )
+    # The queue folder is replaced by a file: every put fails.
+    shutil.rmtree(spool / "queue")
+    (spool / "queue").write_bytes(b"")
+    code, raw = send(relay)
+    assert code == 451
+    assert raw.startswith(b"451 4.3.0 ")
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert record["outcome"] == "deferred"

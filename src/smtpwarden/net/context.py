@@ -16,6 +16,7 @@ from smtpwarden.net.upstream import Target
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
 from smtpwarden.protocol.records import Upstream
+from smtpwarden.spool.store import Spool
 
 if TYPE_CHECKING:
     from smtpwarden.net.session import Session
@@ -29,6 +30,8 @@ class ListenerContext:
     target: Target  # where sessions connect: the route's first upstream
     targets: tuple[Target, ...]  # the route's upstreams, in order, for replays
     delivery: Policy  # the route's policy: passthrough, retry or requeue
+    route: str  # the route's name, kept with spooled messages
+    spool: Spool | None  # where requeue puts what its replays could not deliver
     config: Config
     records: RecordLog
     sessions: set[Session]

@@ -17,6 +17,7 @@ success would answer 2xx for recipients that never got the message.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,9 @@ from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES, contradiction
 from smtpwarden.protocol.records import Outcome
 from smtpwarden.protocol.replies import Reply, make_reply
 from smtpwarden.protocol.tracker import Replay
+from smtpwarden.spool.errors import SpoolError
+from smtpwarden.spool.model import BodyKind
+from smtpwarden.spool.model import Envelope as SpoolEnvelope
 
 log = logging.getLogger("smtpwarden.replay")
 
@@ -126,6 +130,47 @@ def _verdict(
     return None
 
 
+async def requeue(
+    ctx: ListenerContext, wanted: Replay, held: HeldMessage, spent: ReplayResult
+) -> ReplayResult:
+    """Spool what the replays could not deliver, then answer 250 with its id.
+
+    PRODUCT.md, invariant 1: the 250 goes out only once the message and its
+    envelope are fsynced in the spool. A spool that cannot take it (a full
+    disk, a broken folder) leaves the client the 4xx, never a 250.
+    """
+    hostname = ctx.config.hostname
+    if ctx.spool is None:
+        raise ValueError("policy requeue without a spool")
+    envelope = SpoolEnvelope(
+        mail_from=wanted.mail.line,
+        recipients=tuple(rcpt.line for rcpt in wanted.recipients),
+        body=BodyKind.DATA if held.kind == "data" else BodyKind.BDAT,
+        transaction_id=wanted.transaction_id,
+        dedupe_key=dedupe_key(wanted),
+        route=ctx.route,
+    )
+    try:
+        queue_id = await ctx.spool.put(envelope, held.chunks())
+    except SpoolError as error:
+        log.error("cannot spool %s: %s", wanted.transaction_id, error)
+        reply = make_reply(451, "4.3.0", f"{hostname} Cannot queue the message, try again later")
+        return ReplayResult(
+            reply=reply, local=True, outcome=Outcome.DEFERRED, attempts=spent.attempts
+        )
+    reply = make_reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+    return ReplayResult(reply=reply, local=True, outcome=Outcome.REQUEUED, attempts=spent.attempts)
+
+
+def dedupe_key(wanted: Replay) -> str:
+    """A hash of envelope and body: the same message spooled twice shares it."""
+    digest = hashlib.sha256(wanted.mail.line)
+    for rcpt in wanted.recipients:
+        digest.update(rcpt.line)
+    digest.update(wanted.sent[1].encode("ascii"))
+    return digest.hexdigest()
+
+
 class Guard:
     """One session's held message and its replay, under retry or requeue.
 
@@ -178,6 +223,8 @@ class Guard:
                 limits=config.limits,
                 hostname=config.hostname,
             )
+            if result.outcome is Outcome.DEFERRED and ctx.delivery == "requeue":
+                result = await requeue(ctx, wanted, held, result)
             self.task = None
             done(result)
 

@@ -32,6 +32,7 @@ from smtpwarden.net.sink import start_sink
 from smtpwarden.net.upstream import Target
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
+from smtpwarden.spool.store import Spool
 
 log = logging.getLogger("smtpwarden")
 
@@ -51,6 +52,7 @@ class Relay:
         self.servers: dict[str, asyncio.Server] = {}
         self.sinks: dict[str, asyncio.Server] = {}
         self._contexts: list[ListenerContext] = []
+        self.spool: Spool | None = None
         self._tick: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
         self._drained = asyncio.Event()  # no session left open
@@ -68,6 +70,17 @@ class Relay:
         targets: dict[str, Target] = {}
         for upstream in config.upstreams:
             targets[upstream.name] = await self._target(upstream)
+        if any(route.policy == "requeue" for route in config.routes):
+            self.spool = Spool(config.spool.path)
+            report = self.spool.recover()
+            log.info(
+                "spool %s: %d to resume, %d held, %d dead, %d quarantined",
+                config.spool.path,
+                len(report.resume),
+                report.held,
+                report.dead,
+                len(report.quarantined),
+            )
         prefix = secrets.token_hex(3)
         serial = itertools.count(1)
 
@@ -83,6 +96,8 @@ class Relay:
                 target=targets[route.upstreams[0]],
                 targets=tuple(targets[name] for name in route.upstreams),
                 delivery=route.policy,
+                route=route.name,
+                spool=self.spool if route.policy == "requeue" else None,
                 config=config,
                 records=self.records,
                 sessions=self.sessions,
@@ -174,6 +189,8 @@ class Relay:
             self._tick.cancel()
         for sink in self.sinks.values():
             sink.close()
+        if self.spool is not None:
+            self.spool.close()
         self.records.flush()
         self.stopped.set()
 

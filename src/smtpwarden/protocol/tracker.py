@@ -85,6 +85,8 @@ class Replay:
     mail: MailFrom
     recipients: tuple[RcptTo, ...]  # only those the upstream accepted
     first_failure: Reply | None  # the reply that called for it; None if none came
+    transaction_id: str
+    sent: tuple[int, str]  # the message's size and SHA-256
 
 
 def _params(params: tuple[Param, ...]) -> dict[str, str | None]:
@@ -407,9 +409,7 @@ class SessionTracker:
         tx.sent = entry.body or tx.sent
         if self._replays is not None and tx.sent is not None and self._replays(reply):
             tx.replaying = True
-            self.replay = Replay(
-                mail=tx.mail_command, recipients=tuple(tx.accepted), first_failure=reply
-            )
+            self.replay = self._replay_of(tx, reply)
             return
         self._finish(ReplyInfo.of(reply, local=False), outcome_of(reply), now, tx.sent)
 
@@ -430,10 +430,19 @@ class SessionTracker:
         self._step(entry, None, now)
         tx.sent = entry.body
         tx.replaying = True
-        self.replay = Replay(
-            mail=tx.mail_command, recipients=tuple(tx.accepted), first_failure=None
-        )
+        self.replay = self._replay_of(tx, None)
         return True
+
+    def _replay_of(self, tx: _Transaction, failure: Reply | None) -> Replay:
+        if tx.sent is None:
+            raise LocalProtocolError("a replay of a message that was not sent")
+        return Replay(
+            mail=tx.mail_command,
+            recipients=tuple(tx.accepted),
+            first_failure=failure,
+            transaction_id=f"{self.info.session_id}.{tx.number}",
+            sent=tx.sent,
+        )
 
     def end_replay(
         self, final: ReplyInfo | None, outcome: Outcome, attempts: int, now: float
