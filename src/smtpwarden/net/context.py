@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from smtpwarden.config import Config, Policy
 from smtpwarden.net.replies import LocalReplies
-from smtpwarden.net.upstream import Target
+from smtpwarden.net.upstream import Health, Target
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
 from smtpwarden.protocol.records import Upstream
@@ -32,6 +32,7 @@ class ListenerContext:
     delivery: Policy  # the route's policy: passthrough, retry or requeue
     route: str  # the route's name, kept with spooled messages
     spool: Spool | None  # where requeue puts what its replays could not deliver
+    health: Health  # shared by every listener: which upstreams to skip
     config: Config
     records: RecordLog
     sessions: set[Session]

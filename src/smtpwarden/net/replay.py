@@ -204,7 +204,7 @@ class Guard:
             self.held.close()
             self.held = None
 
-    def start(self, wanted: Replay, done: Callable[[ReplayResult], None]) -> None:
+    def start(self, wanted: Replay, first: Target, done: Callable[[ReplayResult], None]) -> None:
         """Replay in a task; ``done`` gets the result unless ``cancel`` came first."""
         held = self.held
         if held is None:
@@ -217,7 +217,7 @@ class Guard:
                 wanted=wanted,
                 held=held,
                 targets=ctx.targets,
-                first=ctx.target,
+                first=first,
                 retry=config.retry,
                 timeouts=config.timeouts,
                 limits=config.limits,

@@ -29,7 +29,7 @@ from smtpwarden.net.loop import loop_factory
 from smtpwarden.net.replies import LocalReplies
 from smtpwarden.net.session import Session
 from smtpwarden.net.sink import start_sink
-from smtpwarden.net.upstream import Target
+from smtpwarden.net.upstream import Health, Target
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
 from smtpwarden.spool.store import Spool
@@ -53,6 +53,7 @@ class Relay:
         self.sinks: dict[str, asyncio.Server] = {}
         self._contexts: list[ListenerContext] = []
         self.spool: Spool | None = None
+        self.health = Health(config.health)
         self._tick: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
         self._drained = asyncio.Event()  # no session left open
@@ -98,6 +99,7 @@ class Relay:
                 delivery=route.policy,
                 route=route.name,
                 spool=self.spool if route.policy == "requeue" else None,
+                health=self.health,
                 config=config,
                 records=self.records,
                 sessions=self.sessions,

@@ -25,6 +25,7 @@ import asyncio
 import functools
 import logging
 import time
+from dataclasses import replace
 from typing import cast
 
 from smtpwarden.net.context import ListenerContext
@@ -63,6 +64,7 @@ class Session(SessionEnd):
             max_line_bytes=limits.max_reply_line_bytes, max_lines=limits.max_reply_lines
         )
         self.upstream: asyncio.Transport | None = None
+        self.target = ctx.target  # the upstream this session is relayed to
         self._connector: asyncio.Task[None] | None = None
         self._closed = False
         self._to_client: list[bytes] = []
@@ -282,20 +284,29 @@ class Session(SessionEnd):
     # -- what the upstream sends -----------------------------------------------
 
     async def _connect(self) -> None:
-        target = self.ctx.target
-        try:
-            await connect(target, self, self.ctx.config.timeouts.connect)
-        except (OSError, TimeoutError) as error:
+        """Connect to the route's first usable upstream, failing over in order."""
+        ctx = self.ctx
+        for target in ctx.health.order(ctx.targets):
+            try:
+                await connect(target, self, ctx.config.timeouts.connect)
+            except (OSError, TimeoutError) as error:
+                ctx.health.failed(target)
+                log.warning(
+                    "session %s: upstream %s unreachable: %s",
+                    self.tracker.info.session_id,
+                    target.name,
+                    str(error) or "timeout",
+                )
+                continue
+            ctx.health.succeeded(target)
+            self.target = target
+            if target is not ctx.target:
+                upstream = Upstream(name=target.name, address=target.host, port=target.port)
+                self.tracker.info = replace(self.tracker.info, upstream=upstream)
             self._connector = None
-            log.warning(
-                "session %s: upstream %s unreachable: %s",
-                self.tracker.info.session_id,
-                target.name,
-                str(error) or "timeout",
-            )
-            self._end(self.ctx.replies.upstream_unavailable, "upstream_unreachable", failed=True)
             return
         self._connector = None
+        self._end(ctx.replies.upstream_unavailable, "upstream_unreachable", failed=True)
 
     def upstream_made(self, transport: asyncio.Transport) -> None:
         """The upstream connection is open."""
@@ -417,7 +428,7 @@ class Session(SessionEnd):
         if wanted is None:
             raise LocalProtocolError("a replay with nothing to replay")
         self.gate.pause(Hold.REPLAY)
-        self.guard.start(wanted, self._replayed)
+        self.guard.start(wanted, self.target, self._replayed)
 
     def _replayed(self, result: ReplayResult) -> None:
         if self._closed:
@@ -447,7 +458,7 @@ class Session(SessionEnd):
 
     def _upstream_failed(self, why: str, reason: str) -> None:
         log.warning(
-            "session %s: upstream %s: %s", self.tracker.info.session_id, self.ctx.target.name, why
+            "session %s: upstream %s: %s", self.tracker.info.session_id, self.target.name, why
         )
         if self._replay_lost():
             return

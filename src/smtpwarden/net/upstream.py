@@ -7,10 +7,12 @@ session; all decisions stay in ``session.py``.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from smtpwarden.config import TimeoutsConfig
+from smtpwarden.config import HealthConfig, TimeoutsConfig
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES
 from smtpwarden.protocol.tracker import Awaiting
 
@@ -73,6 +75,58 @@ async def connect(target: Target, events: UpstreamEvents, timeout_s: float) -> N
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout_s):
         await loop.create_connection(lambda: UpstreamProtocol(events), target.host, target.port)
+
+
+class Health:
+    """Which upstreams to skip: a circuit breaker per upstream name.
+
+    ``health.failures`` failures in a row mark an upstream down for
+    ``health.cooldown`` seconds; after that one session may probe it (the
+    next one waits another cool-down unless the probe succeeds). A success
+    clears the count. Shared by every session of the process.
+    """
+
+    def __init__(self, config: HealthConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._clock = clock
+        self._failures: dict[str, int] = {}
+        self._down_until: dict[str, float] = {}
+
+    def order(self, targets: Sequence[Target]) -> list[Target]:
+        """``targets`` to try, in order: usable ones first, then the rest.
+
+        An upstream past its cool-down is taken as a probe: others that ask
+        meanwhile find it down again.
+        """
+        now = self._clock()
+        usable: list[Target] = []
+        down: list[Target] = []
+        for target in targets:
+            until = self._down_until.get(target.name)
+            if until is None:
+                usable.append(target)
+            elif until <= now:
+                self._down_until[target.name] = now + self._config.cooldown
+                usable.append(target)
+            else:
+                down.append(target)
+        return usable + down
+
+    def failed(self, target: Target) -> None:
+        """A connection or an attempt to ``target`` failed."""
+        count = self._failures.get(target.name, 0) + 1
+        self._failures[target.name] = count
+        if count >= self._config.failures:
+            self._down_until[target.name] = self._clock() + self._config.cooldown
+
+    def succeeded(self, target: Target) -> None:
+        """``target`` answered: it is healthy again."""
+        self._failures.pop(target.name, None)
+        self._down_until.pop(target.name, None)
+
+    def is_down(self, name: str) -> bool:
+        """True while ``name`` is marked down."""
+        return self._down_until.get(name, 0.0) > self._clock()
 
 
 def reply_timeout(entry: Awaiting, timeouts: TimeoutsConfig) -> float:
