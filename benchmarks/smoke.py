@@ -275,17 +275,24 @@ _RUNNING = re.compile(r"running on (\S+)")
 
 
 def start_relay(
-    upstream_port: int, records: IO[bytes], event_loop: str
+    upstream_port: int, records: IO[bytes], event_loop: str, policy: str, folder: str
 ) -> tuple[subprocess.Popen[str], int, str]:
+    # A configuration file with one route: its policy is what is measured.
+    config = Path(folder) / "relay.yaml"
+    config.write_text(
+        "listeners: [{name: bench, host: 127.0.0.1, port: 0, upstream: up}]\n"
+        f"upstreams: [{{name: up, host: 127.0.0.1, port: {upstream_port}}}]\n"
+        f"routes: [{{name: bench, policy: {policy}, upstreams: [up]}}]\n"
+        f"spool: {{path: {Path(folder) / 'spool'}}}\n",
+        encoding="utf-8",
+    )
     command = [
         sys.executable,
         "-m",
         "smtpwarden",
         "run",
-        "--listen",
-        f"{HOST}:0",
-        "--upstream",
-        f"{HOST}:{upstream_port}",
+        "--config",
+        str(config),
         "--event-loop",
         event_loop,
     ]
@@ -338,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="all processes"
     )
+    parser.add_argument(
+        "--policy",
+        choices=("passthrough", "retry", "requeue"),
+        default="passthrough",
+        help="the relay route's delivery policy (default passthrough); the responder never"
+        " fails, so retry and requeue cost only the held copy of each message",
+    )
     parser.add_argument("--responder", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -352,9 +366,11 @@ def main(argv: list[str] | None = None) -> int:
             return runner.run(run_round(port, messages, args.sessions, args.size, args.time_limit))
 
     responder, upstream_port = start_responder(args.event_loop)
-    with tempfile.TemporaryFile() as records:
+    with tempfile.TemporaryFile() as records, tempfile.TemporaryDirectory() as folder:
         try:
-            relay, relay_port, relay_loop = start_relay(upstream_port, records, args.event_loop)
+            relay, relay_port, relay_loop = start_relay(
+                upstream_port, records, args.event_loop, args.policy, folder
+            )
         except BaseException:
             stop(responder)
             raise
@@ -375,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     octets = len(make_message(args.size)) - len(b".\r\n")
     print(
         f"smtpwarden smoke benchmark: {args.messages} messages of {octets} octets per round,"
-        f" {args.sessions} sessions, {args.repetitions} repetitions"
+        f" {args.sessions} sessions, {args.repetitions} repetitions, policy {args.policy}"
     )
     print(
         f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs;"

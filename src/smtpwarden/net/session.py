@@ -49,6 +49,12 @@ log = logging.getLogger("smtpwarden.session")
 # resolution (uvloop's loop.time() counts whole milliseconds).
 _now = time.monotonic
 
+# While a held message awaits its answer, input the client pipelined after it
+# is kept, unread by the pump, up to this much; past it reading pauses.
+# Pausing costs two system calls per message, so it is kept for clients that
+# will not wait.
+AWAITING_END_BUFFER_BYTES = 64 * 1024
+
 _NO_TLS = Tls()
 
 
@@ -78,6 +84,9 @@ class Session(SessionEnd):
         self._errors = 0  # commands refused locally (limits.max_errors)
         self._resume_pump = False  # buffered client input waits for the reply loop
         self.guard = Guard(ctx)  # the held message and its replay
+        # A held message awaits its answer (or a replay): what the client
+        # sends meanwhile waits in the core, unread by the pump.
+        self._awaiting_end = False
         self._recipients = 0  # RCPTs sent in the current transaction
         self._stalled_since = 0.0  # when a full write buffer last paused a side
         self._lingering = False
@@ -128,6 +137,8 @@ class Session(SessionEnd):
         if self._lingering or self._closed:
             return
         self.core.receive_data(data)
+        if self._awaiting_end and self.core.buffered > AWAITING_END_BUFFER_BYTES:
+            self.gate.pause(Hold.REPLAY)  # a client that will not wait: stop reading
         self._pump_client()
         self._flush()
 
@@ -168,7 +179,9 @@ class Session(SessionEnd):
         limit = self.ctx.config.limits.max_pipelined_commands
         # Input that arrives while the upstream is not ready yet (a read
         # already under way when reading paused) waits in the core.
-        while not self._has_ended() and not self.gate.holds(Hold.REPLAY | Hold.CONNECT):
+        while (
+            not self._has_ended() and not self._awaiting_end and not self.gate.holds(Hold.CONNECT)
+        ):
             try:
                 event = core.next_event()
             except RemoteProtocolError as refused:
@@ -266,7 +279,7 @@ class Session(SessionEnd):
                 # Nothing more is relayed until this message's end is
                 # answered: a replay's reply must reach the client before
                 # the replies to whatever it pipelined after the message.
-                self.gate.pause(Hold.REPLAY)
+                self._awaiting_end = True
 
     def _answer(self, command: Command | None, verb: Verb | None, reply: Reply) -> None:
         out = self.tracker.answered_locally(command, verb, reply, _now())
@@ -420,6 +433,7 @@ class Session(SessionEnd):
 
     def _release_held(self) -> None:
         self.guard.release()
+        self._awaiting_end = False
         self.gate.resume(Hold.REPLAY)
         self._resume_pump = True
 
@@ -427,6 +441,7 @@ class Session(SessionEnd):
         wanted = self.tracker.replay
         if wanted is None:
             raise LocalProtocolError("a replay with nothing to replay")
+        self._awaiting_end = True
         self.gate.pause(Hold.REPLAY)
         self.guard.start(wanted, self.target, self._replayed)
 
