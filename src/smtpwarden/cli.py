@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from smtpwarden import __version__
+from smtpwarden import __version__, queuecli
 from smtpwarden.config import (
     CLI_SOURCE,
     DEFAULT_SINK_FOLDER,
@@ -29,6 +31,7 @@ from smtpwarden.config import (
     simple_config,
 )
 from smtpwarden.protocol.diagnosis import Diagnosis, diagnose_text
+from smtpwarden.spool import EntryState, SpoolError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -48,6 +51,7 @@ examples:
   smtpwarden check-config smtpwarden.yaml   validate a configuration file
   smtpwarden sink --dir ./captured          a test upstream that stores mail
   smtpwarden diagnose '550 5.1.1 No user'   explain a reply (or - for a transcript)
+  smtpwarden queue list                     list the messages waiting in the spool
 
 Run "smtpwarden COMMAND --help" for the options of each command."""
 
@@ -103,6 +107,53 @@ examples:
   swaks --to a@example.com --server mx.example.com | smtpwarden diagnose -
   smtpwarden diagnose --json - < transcript.txt"""
 
+_QUEUE_DESCRIPTION = """\
+Look at the spool of the requeue policy and act on its entries. The spool
+folder is --spool FOLDER, else spool.path of --config FILE, else that of the
+built-in default (./spool). The folder must exist: it is never created.
+
+Safe while the relay runs. Reading takes no lock. A change takes the entry's
+lock, as a delivery does, and waits at most --wait seconds (default 1) for a
+delivery to let go; an entry still being delivered is reported as busy. The
+command never runs crash recovery: that is the relay's job at start, and
+the relay skips its cleanup while another process has the spool open.
+
+Exit status: 0 when every id was handled; 1 when some were not (no such
+entry, busy, or a state that does not allow the action), each reported on
+standard error with its id; 2 for a usage or configuration error."""
+
+_QUEUE_EPILOG = """\
+states and actions:
+  queued    waiting for its first attempt, or retried by hand
+  deferred  an attempt failed; tried again at its next attempt time
+  held      not delivered until released
+  dead      given up (too old, or by hand); kept until deleted or retried
+
+  retry     queued, deferred or dead -> queued, due now (release a held one)
+  hold      queued or deferred -> held
+  release   held -> queued, or deferred if it was tried before
+  dead      any state -> dead, with the reason "operator"
+  delete    any state -> removed, message and all
+
+examples:
+  smtpwarden queue list
+  smtpwarden queue --config smtpwarden.yaml list --state deferred
+  smtpwarden queue --spool ./spool show 20250102T030405.123456-1a2b3c4d
+  smtpwarden queue show 20250102T030405.123456-1a2b3c4d --message > message.eml
+  smtpwarden queue hold 20250102T030405.123456-1a2b3c4d
+  smtpwarden queue retry --all
+  smtpwarden queue list --state dead --json | jq -r '.[].id' | xargs smtpwarden queue delete"""
+
+_QUEUE_ACTIONS = {
+    "list": "one line per entry, oldest first",
+    "show": "everything about one entry, or its message with --message",
+    "retry": "make entries due now (--all: every deferred entry)",
+    "hold": "stop delivering entries until released",
+    "release": "let held entries be delivered again",
+    "delete": "remove entries and their messages for good",
+    "dead": 'move entries to dead letters with the reason "operator"',
+}
+
 
 class _UsageError(Exception):
     """A command-line usage error, raised instead of letting argparse exit."""
@@ -126,6 +177,73 @@ def _add_event_loop(parser: argparse.ArgumentParser, default: str) -> None:
         choices=EVENT_LOOPS,
         help=f"event loop; auto picks uvloop when installed, else asyncio (default: {default})",
     )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _add_spool_location(parser: argparse.ArgumentParser) -> None:
+    # Accepted before and after ACTION, so absent unless given: a default
+    # set by the action's parser would overwrite the one given before it.
+    where, absent = parser.add_mutually_exclusive_group(), argparse.SUPPRESS
+    config_help = "YAML configuration file whose spool.path to use"
+    where.add_argument("-c", "--config", metavar="FILE", default=absent, help=config_help)
+    where.add_argument("--spool", metavar="FOLDER", default=absent, help="the spool folder")
+
+
+def _add_queue(commands: argparse._SubParsersAction[_Parser]) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    queue = commands.add_parser(
+        "queue",
+        help="list, show, retry, hold, release, delete or bury spooled messages",
+        description=_QUEUE_DESCRIPTION,
+        epilog=_QUEUE_EPILOG,
+        formatter_class=formatter,
+    )
+    _add_spool_location(queue)
+    queue.set_defaults(handler=_queue)
+    actions = queue.add_subparsers(dest="queue_action", metavar="ACTION", required=True)
+    for name, summary in _QUEUE_ACTIONS.items():
+        action = actions.add_parser(
+            name,
+            help=summary,
+            description=f"{summary.capitalize()}.",
+            epilog=_QUEUE_EPILOG,
+            formatter_class=formatter,
+        )
+        _add_spool_location(action)
+        action.add_argument("--json", action="store_true", help="print JSON")
+        action.set_defaults(command_parser=action)
+        if name == "list":
+            states = [state.value for state in EntryState]
+            action.add_argument("--state", choices=states, help="only entries in this state")
+        elif name == "show":
+            action.add_argument("queue_id", metavar="ID", help="queue id")
+            action.add_argument(
+                "--message",
+                action="store_true",
+                help="print the message (a DATA body without its dot-stuffing)",
+            )
+        else:
+            nargs = "*" if name == "retry" else "+"
+            action.add_argument("ids", metavar="ID", nargs=nargs, help="queue ids")
+            if name == "retry":
+                action.add_argument("--all", action="store_true", help="every deferred entry")
+            wait = queuecli.BUSY_WAIT_S
+            action.add_argument(
+                "--wait",
+                metavar="SECONDS",
+                type=_seconds,
+                default=wait,
+                help=f"how long to wait for a delivery to let go (default: {wait:g})",
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diagnose.add_argument("--json", action="store_true", help="print a JSON list")
     diagnose.set_defaults(handler=_diagnose, command_parser=diagnose)
+
+    _add_queue(commands)
     return parser
 
 
@@ -283,6 +403,20 @@ def _diagnose(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _queue(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    outcome = queuecli.run(parser, args, now=time.time())
+    if outcome.text is not None:
+        print(outcome.text)
+    if outcome.message is not None:
+        sys.stdout.flush()
+        for block in outcome.message:
+            sys.stdout.buffer.write(block)
+        sys.stdout.buffer.flush()
+    for failure in outcome.failures:
+        print(f"smtpwarden queue: {failure}", file=sys.stderr)
+    return EXIT_FAILURE if outcome.failures else EXIT_OK
+
+
 _Handler = Callable[[argparse.ArgumentParser, argparse.Namespace], int]
 
 
@@ -291,8 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     --help and --version print and raise SystemExit(0), as argparse does.
     Usage errors and ConfigError are printed to stderr and return 2; an
-    OSError from a running command (for example a port already in use)
-    returns 1.
+    OSError from a running command (for example a port already in use) or
+    a SpoolError (a spool that cannot be opened or read) returns 1.
     """
     parser = build_parser()
     try:
@@ -306,6 +440,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return EXIT_USAGE
-    except OSError as err:
+    except (OSError, SpoolError) as err:
         print(f"smtpwarden: {err}", file=sys.stderr)
         return EXIT_FAILURE
