@@ -175,14 +175,14 @@ def test_a_lost_outcome_is_replayed(
     assert record["timeline"][-1]["code"] is None
 
 
-def test_requeue_spools_what_the_replays_could_not_deliver(
-    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], tmp_path: Path
-) -> None:
+def start_requeueing(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], spool: Path
+) -> RunningRelay:
+    """A requeue route whose two upstreams both keep failing."""
     failing = {".": b"451 4.3.0 Still failing\r\n"}
     a = make_raw_upstream(replies=failing)
     b = make_raw_upstream(replies=failing)
-    spool = tmp_path / "spool"
-    relay = start_retrying(
+    return start_retrying(
         start_relay,
         a.config,
         b.config,
@@ -190,6 +190,13 @@ def test_requeue_spools_what_the_replays_could_not_deliver(
         retry={"attempts": 1},
         spool={"path": str(spool)},
     )
+
+
+def test_requeue_spools_what_the_replays_could_not_deliver(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    relay = start_requeueing(start_relay, make_raw_upstream, spool)
     code, raw = send(relay)
     assert code == 250
     queue_id = raw.split(b"queued as ")[1].strip().decode()
@@ -208,18 +215,8 @@ def test_requeue_spools_what_the_replays_could_not_deliver(
 def test_a_spool_that_cannot_take_the_message_leaves_the_client_a_4xx(
     start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], tmp_path: Path
 ) -> None:
-    failing = {".": b"451 4.3.0 Still failing\r\n"}
-    a = make_raw_upstream(replies=failing)
-    b = make_raw_upstream(replies=failing)
     spool = tmp_path / "spool"
-    relay = start_retrying(
-        start_relay,
-        a.config,
-        b.config,
-        policy="requeue",
-        retry={"attempts": 1},
-        spool={"path": str(spool)},
-    )
+    relay = start_requeueing(start_relay, make_raw_upstream, spool)
     # The queue folder is replaced by a file: every put fails.
     shutil.rmtree(spool / "queue")
     (spool / "queue").write_bytes(b"")
