@@ -29,6 +29,7 @@ from smtpwarden.net.loop import loop_factory
 from smtpwarden.net.replies import LocalReplies
 from smtpwarden.net.session import Session
 from smtpwarden.net.sink import start_sink
+from smtpwarden.net.spooler import QueueRunner
 from smtpwarden.net.upstream import Health, Target
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
@@ -53,6 +54,8 @@ class Relay:
         self.sinks: dict[str, asyncio.Server] = {}
         self._contexts: list[ListenerContext] = []
         self.spool: Spool | None = None
+        self.runner: QueueRunner | None = None
+        self._runner: asyncio.Task[None] | None = None
         self.health = Health(config.health)
         self._tick: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
@@ -128,6 +131,17 @@ class Relay:
                 target.port,
             )
         self._tick = loop.create_task(self._run_tick())
+        if self.spool is not None:
+            # The spool's workers deliver what requeue spooled, through the
+            # upstreams of the route that spooled it.
+            by_route = {
+                route.name: tuple(targets[name] for name in route.upstreams)
+                for route in config.routes
+            }
+            self.runner = QueueRunner(
+                self.spool, targets=by_route, config=config, records=self.records
+            )
+            self._runner = loop.create_task(self.runner.run())
 
     async def _target(self, upstream: UpstreamConfig) -> Target:
         if upstream.kind == "sink":
@@ -191,6 +205,10 @@ class Relay:
             self._tick.cancel()
         for sink in self.sinks.values():
             sink.close()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
         if self.spool is not None:
             self.spool.close()
         self.records.flush()
