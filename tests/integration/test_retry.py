@@ -75,6 +75,7 @@ def test_a_transient_failure_is_replayed_on_the_next_upstream(
     (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
     assert record["outcome"] == "retried"
     assert record["attempts"] == 2
+    assert record["duplicate_risk"] is False
     assert record["final_reply"]["code"] == 250
     assert record["final_reply"]["local"] is False
     assert record["timeline"][-1]["command"] == "."
@@ -173,6 +174,9 @@ def test_a_lost_outcome_is_replayed(
     (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
     assert (record["outcome"], record["attempts"]) == ("retried", 2)
     assert record["timeline"][-1]["code"] is None
+    # The first upstream may have taken it too: flagged, with its key.
+    assert record["duplicate_risk"] is True
+    assert len(record["dedupe_key"]) == 64
 
 
 def start_requeueing(

@@ -17,7 +17,6 @@ success would answer 2xx for recipients that never got the message.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from smtpwarden.net.upstream import Target
 from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES, contradiction
 from smtpwarden.protocol.records import Outcome
 from smtpwarden.protocol.replies import Reply, make_reply
-from smtpwarden.protocol.tracker import Replay
+from smtpwarden.protocol.tracker import Replay, dedupe_key
 from smtpwarden.spool.errors import SpoolError
 from smtpwarden.spool.model import BodyKind
 from smtpwarden.spool.model import Envelope as SpoolEnvelope
@@ -147,7 +146,9 @@ async def requeue(
         recipients=tuple(rcpt.line for rcpt in wanted.recipients),
         body=BodyKind.DATA if held.kind == "data" else BodyKind.BDAT,
         transaction_id=wanted.transaction_id,
-        dedupe_key=dedupe_key(wanted),
+        dedupe_key=dedupe_key(
+            wanted.mail.line, [rcpt.line for rcpt in wanted.recipients], wanted.sent[1]
+        ),
         route=ctx.route,
     )
     try:
@@ -160,15 +161,6 @@ async def requeue(
         )
     reply = make_reply(250, "2.0.0", f"Ok: queued as {queue_id}")
     return ReplayResult(reply=reply, local=True, outcome=Outcome.REQUEUED, attempts=spent.attempts)
-
-
-def dedupe_key(wanted: Replay) -> str:
-    """A hash of envelope and body: the same message spooled twice shares it."""
-    digest = hashlib.sha256(wanted.mail.line)
-    for rcpt in wanted.recipients:
-        digest.update(rcpt.line)
-    digest.update(wanted.sent[1].encode("ascii"))
-    return digest.hexdigest()
 
 
 class Guard:

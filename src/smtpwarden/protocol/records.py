@@ -170,6 +170,12 @@ class TransactionRecord:
     final_reply: ReplyInfo | None
     outcome: Outcome
     attempts: int
+    # True when a replay followed a lost outcome: the first upstream may have
+    # taken the message too, so it may arrive twice (at-least-once).
+    duplicate_risk: bool = False
+    # SHA-256 of the MAIL line, the accepted RCPT lines and the body's hash:
+    # the same message sent twice shares it. Null if no message was sent.
+    dedupe_key: str | None = None
     duration_ms: float
     # What went wrong and what to do; filled in by the tracker once the rest
     # of the record exists (``diagnosis.diagnose`` reads the record).

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from smtpwarden.protocol.diagnosis import diagnose
@@ -76,6 +76,7 @@ class _Transaction:
     body: str | None = None
     sent: tuple[int, str] | None = None  # size and SHA-256 once the message went out
     replaying: bool = False  # its end awaits a replay, not an upstream reply
+    duplicate_risk: bool = False  # replayed after a lost outcome
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,6 +88,15 @@ class Replay:
     first_failure: Reply | None  # the reply that called for it; None if none came
     transaction_id: str
     sent: tuple[int, str]  # the message's size and SHA-256
+
+
+def dedupe_key(mail: bytes, recipients: Iterable[bytes], body_sha256: str) -> str:
+    """A hash of envelope and body: the same message sent twice shares it."""
+    digest = hashlib.sha256(mail)
+    for line in recipients:
+        digest.update(line)
+    digest.update(body_sha256.encode("ascii"))
+    return digest.hexdigest()
 
 
 def _params(params: tuple[Param, ...]) -> dict[str, str | None]:
@@ -430,6 +440,7 @@ class SessionTracker:
         self._step(entry, None, now)
         tx.sent = entry.body
         tx.replaying = True
+        tx.duplicate_risk = True
         self.replay = self._replay_of(tx, None)
         return True
 
@@ -486,6 +497,10 @@ class SessionTracker:
             final_reply=final,
             outcome=outcome,
             attempts=attempts,
+            duplicate_risk=tx.duplicate_risk,
+            dedupe_key=None
+            if body is None
+            else dedupe_key(tx.mail_command.line, [rcpt.line for rcpt in tx.accepted], body[1]),
             duration_ms=round((now - tx.started_at) * 1000, 3),
         )
         self.records.append(replace(record, diagnosis=diagnose(record)))
