@@ -61,6 +61,7 @@ TEST_TIMEOUTS: dict[str, float] = {
 SCHEMA_FILES = {
     "transaction": "transaction.schema.json",
     "session": "session.schema.json",
+    "delivery": "delivery.schema.json",
 }
 
 

@@ -1,4 +1,4 @@
-"""The JSON Schemas of the log records match what records.py produces.
+"""The JSON Schemas of the log records match what records.py and verdict.py produce.
 
 Records are built by hand (and by the tracker), serialised with orjson as
 the transaction log does, and validated. The schemas' field lists and enums
@@ -14,13 +14,14 @@ import hashlib
 import importlib.resources
 import importlib.util
 import json
-from typing import Any
+from typing import Any, get_args
 
 import orjson
 import pytest
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
+from smtpwarden.net.verdict import DeliveryOutcome, DeliveryRecord, RecipientResult
 from smtpwarden.protocol.commands import parse_command
 from smtpwarden.protocol.diagnosis import diagnose
 from smtpwarden.protocol.events import Command, Verb
@@ -38,6 +39,7 @@ from smtpwarden.protocol.records import (
 )
 from smtpwarden.protocol.replies import parse_reply
 from smtpwarden.protocol.tracker import SessionTracker
+from smtpwarden.spool.model import RecipientState
 
 Json = dict[str, Any]
 
@@ -57,6 +59,7 @@ def load_schema(name: str) -> Json:
 
 TRANSACTION_SCHEMA = load_schema("transaction")
 SESSION_SCHEMA = load_schema("session")
+DELIVERY_SCHEMA = load_schema("delivery")
 
 
 def validator(schema: Json) -> Draft202012Validator:
@@ -220,7 +223,66 @@ def session_record() -> SessionRecord:
     )
 
 
-@pytest.mark.parametrize("schema", [TRANSACTION_SCHEMA, SESSION_SCHEMA], ids=["tx", "session"])
+def delivery_record() -> DeliveryRecord:
+    """A spooled message delivered on its second run, one recipient refused for good."""
+    return DeliveryRecord(
+        type="delivery",
+        time="2025-03-01T09:25:04.102Z",
+        queue_id="20250301T091502.431207-1a2b3c4d",
+        transaction_id=f"{SESSION_ID}.1",
+        dedupe_key=hashlib.sha256(b"MAIL FROM:<alerts@example.org>").hexdigest(),
+        route="submission",
+        upstream=UPSTREAM,
+        mail_from="alerts@example.org",
+        recipients=(
+            RecipientResult(
+                address="ops@example.net",
+                state="delivered",
+                reply=reply(250, "2.0.0", "Ok: queued as 4Tz1qK0m3bz9"),
+            ),
+            RecipientResult(
+                address="gone@example.net",
+                state="failed",
+                reply=reply(550, "5.1.1", "User unknown"),
+            ),
+        ),
+        outcome="delivered",
+        attempts=2,
+        duplicate_risk=False,
+        reason=None,
+        size=len(MESSAGE) + 3,
+        body_sha256=hashlib.sha256(MESSAGE + b".\r\n").hexdigest(),
+        queued_s=601.671,
+    )
+
+
+def dead_record() -> DeliveryRecord:
+    """Too old when its fourth run began: no upstream tried, recipients still pending."""
+    return dataclasses.replace(
+        delivery_record(),
+        mail_from="",
+        upstream=None,
+        recipients=(
+            RecipientResult(address="ops@example.net", state="pending", reply=None),
+            RecipientResult(
+                address="full@example.net",
+                state="pending",
+                reply=reply(452, "4.2.2", "Mailbox full"),
+            ),
+        ),
+        outcome="dead",
+        attempts=3,
+        duplicate_risk=True,
+        reason="older than max_age (432000 s); last error: duplicate risk: mta: 451 4.3.0 Busy",
+        queued_s=432000.5,
+    )
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [TRANSACTION_SCHEMA, SESSION_SCHEMA, DELIVERY_SCHEMA],
+    ids=["tx", "session", "delivery"],
+)
 def test_schema_is_valid_draft_2020_12(schema: Json) -> None:
     Draft202012Validator.check_schema(schema)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -256,6 +318,33 @@ def test_unknown_field_is_rejected(schema: Json, record: object) -> None:
     data["queue_id"] = "4Tz1qK0m3bz9"
     with pytest.raises(ValidationError, match="queue_id"):
         validator(schema).validate(data)
+
+
+@pytest.mark.parametrize("record", [delivery_record(), dead_record()], ids=["delivered", "dead"])
+def test_delivery_records_validate(record: DeliveryRecord) -> None:
+    validator(DELIVERY_SCHEMA).validate(as_json(record))
+
+
+def test_delivery_unknown_field_is_rejected() -> None:
+    data = as_json(delivery_record())
+    data["session_id"] = SESSION_ID
+    with pytest.raises(ValidationError, match="session_id"):
+        validator(DELIVERY_SCHEMA).validate(data)
+
+
+def test_delivery_unknown_recipient_field_is_rejected() -> None:
+    data = as_json(delivery_record())
+    data["recipients"][0]["params"] = {}
+    with pytest.raises(ValidationError, match="params"):
+        validator(DELIVERY_SCHEMA).validate(data)
+
+
+@pytest.mark.parametrize("outcome", ["requeued", "deferred", "success"])
+def test_delivery_bad_outcome_is_rejected(outcome: str) -> None:
+    data = as_json(delivery_record())
+    data["outcome"] = outcome
+    with pytest.raises(ValidationError, match=outcome):
+        validator(DELIVERY_SCHEMA).validate(data)
 
 
 def test_unknown_nested_field_is_rejected() -> None:
@@ -321,8 +410,12 @@ def test_missing_field_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("schema", "record_class"),
-    [(TRANSACTION_SCHEMA, TransactionRecord), (SESSION_SCHEMA, SessionRecord)],
-    ids=["tx", "session"],
+    [
+        (TRANSACTION_SCHEMA, TransactionRecord),
+        (SESSION_SCHEMA, SessionRecord),
+        (DELIVERY_SCHEMA, DeliveryRecord),
+    ],
+    ids=["tx", "session", "delivery"],
 )
 def test_schema_fields_are_the_dataclass_fields_in_order(schema: Json, record_class: Any) -> None:
     names = [field.name for field in dataclasses.fields(record_class)]
@@ -346,6 +439,32 @@ def test_shared_definitions_are_identical() -> None:
     assert {"ReplyInfo", "Step", "Peer", "Upstream", "Tls"} <= shared
     for name in shared:
         assert TRANSACTION_SCHEMA["$defs"][name] == SESSION_SCHEMA["$defs"][name], name
+
+
+@pytest.mark.parametrize(
+    ("definition", "record_class"),
+    [("ReplyInfo", ReplyInfo), ("Upstream", Upstream), ("RecipientResult", RecipientResult)],
+)
+def test_delivery_definitions_follow_the_dataclasses(definition: str, record_class: Any) -> None:
+    names = [field.name for field in dataclasses.fields(record_class)]
+    definitions = DELIVERY_SCHEMA["$defs"]
+    assert list(definitions[definition]["properties"]) == names
+    assert definitions[definition]["required"] == names
+    assert definitions[definition]["additionalProperties"] is False
+
+
+def test_delivery_shares_the_transaction_definitions() -> None:
+    shared = DELIVERY_SCHEMA["$defs"].keys() & TRANSACTION_SCHEMA["$defs"].keys()
+    assert {"time", "name", "ReplyInfo", "Upstream"} <= shared
+    for name in shared:
+        assert DELIVERY_SCHEMA["$defs"][name] == TRANSACTION_SCHEMA["$defs"][name], name
+
+
+def test_delivery_enums_are_the_code_values() -> None:
+    outcomes = DELIVERY_SCHEMA["properties"]["outcome"]["enum"]
+    assert sorted(outcomes) == sorted(get_args(DeliveryOutcome))
+    states = DELIVERY_SCHEMA["$defs"]["RecipientResult"]["properties"]["state"]["enum"]
+    assert sorted(states) == sorted(state.value for state in RecipientState)
 
 
 def test_outcome_enum_is_the_outcome_class() -> None:

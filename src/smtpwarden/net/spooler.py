@@ -12,12 +12,12 @@ them at once. One delivery of one entry:
 3. otherwise its pending recipients go to the route's upstreams in order,
    moving on only while the message has not been sent: once it has, that
    upstream's answer stands, as another upstream could only duplicate it;
-4. the answer is written back: recipients accepted with a 2xx that does not
-   contradict itself are delivered, 5xx refusals failed, the rest stay
-   pending and the entry is deferred (``spool.schedule``) or, once too old,
-   buried;
+4. the answer is written back (``verdict.judge``): recipients accepted with
+   a 2xx that does not contradict itself are delivered, 5xx refusals failed,
+   the rest stay pending and the entry is deferred (``spool.schedule``) or,
+   once too old, buried;
 5. an entry that is finished (the spool removes it) or dead gets one record
-   of type "delivery" in the transaction log (``DeliveryRecord``).
+   of type "delivery" in the transaction log (``verdict.DeliveryRecord``).
 
 Rule 1 (PRODUCT.md invariant 7): a recipient leaves PENDING only on an
 upstream's own answer, written to disk before the lease is released, and is
@@ -39,16 +39,16 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import BinaryIO, Literal, TypeVar
+from dataclasses import dataclass
+from typing import BinaryIO, TypeVar
 
 from smtpwarden.config import Config
-from smtpwarden.net.delivery import Attempt, Envelope, deliver
+from smtpwarden.net.delivery import Envelope, deliver
 from smtpwarden.net.upstream import Target
+from smtpwarden.net.verdict import DeliveryOutcome, DeliveryRecord, RecipientResult, judge, settle
 from smtpwarden.observe.txlog import RecordLog
-from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES, contradiction
-from smtpwarden.protocol.records import ReplyInfo, Upstream, iso_time
-from smtpwarden.protocol.replies import Reply
+from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES
+from smtpwarden.protocol.records import Upstream, iso_time
 from smtpwarden.spool import BodyKind, Entry, EntryBusy, EntryState, Lease, NoSuchEntry, Spool
 from smtpwarden.spool.model import RecipientState
 from smtpwarden.spool.schedule import Backoff, expired, next_attempt
@@ -56,7 +56,6 @@ from smtpwarden.spool.schedule import Backoff, expired, next_attempt
 log = logging.getLogger("smtpwarden.spooler")
 
 T = TypeVar("T")
-DeliveryOutcome = Literal["delivered", "rejected", "dead"]
 
 # The longest wait between two looks at the spool: an operator's
 # ``queue retry`` or ``release`` is picked up within it. Our choice.
@@ -74,105 +73,6 @@ ERROR_CHARS = 500
 # mark must outlive a restart to reach the entry's record.
 DUPLICATE_RISK = "duplicate risk: "
 CRLF = b"\r\n"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecipientResult:
-    """One recipient in a delivery record: its state and the reply behind it."""
-
-    address: str
-    state: str  # "delivered", "failed" or, in a dead entry, "pending"
-    reply: ReplyInfo | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeliveryRecord:
-    """The record of a spooled message that left the queue, or died there.
-
-    ``attempts`` counts delivery runs, this one included; ``upstream`` is the
-    last upstream tried (None if none was); ``reason`` says why a dead entry
-    died; ``queued_s`` is its time in the spool.
-    """
-
-    type: str
-    time: str
-    queue_id: str
-    transaction_id: str
-    dedupe_key: str
-    route: str
-    upstream: Upstream | None
-    mail_from: str
-    recipients: tuple[RecipientResult, ...]
-    outcome: DeliveryOutcome
-    attempts: int
-    duplicate_risk: bool
-    reason: str | None
-    size: int
-    body_sha256: str
-    queued_s: float
-
-
-@dataclass(slots=True)
-class Verdict:
-    """What one attempt says of its recipients, by position in its envelope.
-
-    ``pending`` keeps the last reply of each recipient still to deliver (None
-    if it got none). ``risky`` when the upstream may have the message
-    although it did not accept it plainly.
-    """
-
-    delivered: dict[int, ReplyInfo] = field(default_factory=dict)
-    failed: dict[int, ReplyInfo] = field(default_factory=dict)
-    pending: dict[int, ReplyInfo | None] = field(default_factory=dict)
-    error: str | None = None
-    risky: bool = False
-
-
-def judge(attempt: Attempt, phrases: Sequence[str] = DEFAULT_PHRASES) -> Verdict:
-    """Sort an attempt's recipients into delivered, failed (5xx) and pending."""
-    verdict = Verdict(error=attempt.error)
-    everyone = range(len(attempt.recipients))
-    mail = attempt.mail
-    if mail is None or not _ok(mail):
-        # Without MAIL accepted the RCPT replies mean nothing (a pipelined 503).
-        if mail is not None and mail.code // 100 == 5:
-            verdict.failed = dict.fromkeys(everyone, _info(mail))
-        else:
-            verdict.pending = dict.fromkeys(everyone, _info(mail) if mail else None)
-        verdict.error = verdict.error or (f"MAIL {_brief(mail)}" if mail else None)
-        return verdict
-    accepted = []
-    for i, reply in enumerate(attempt.recipients):
-        if reply is not None and reply.code // 100 == 5:
-            verdict.failed[i] = _info(reply)
-        elif _ok(reply):
-            accepted.append(i)
-        else:
-            verdict.pending[i] = _info(reply) if reply else None
-    final, data = attempt.final, attempt.data
-    if final is None:
-        # Not sent, or sent without an answer (lost): no verdict for the accepted.
-        refusal = data if data is not None and data.code != 354 else None
-        if refusal is not None and refusal.code // 100 == 5:
-            verdict.failed.update(dict.fromkeys(accepted, _info(refusal)))
-        else:
-            verdict.pending.update(dict.fromkeys(accepted, _info(refusal) if refusal else None))
-        verdict.risky = attempt.sent
-    else:
-        why = contradiction(final.code, final.enhanced, final.text, phrases=phrases)
-        if _ok(final) and why is None:
-            verdict.delivered = dict.fromkeys(accepted, _info(final))
-        elif final.code // 100 == 5:
-            verdict.failed.update(dict.fromkeys(accepted, _info(final)))
-        else:
-            verdict.pending.update(dict.fromkeys(accepted, _info(final)))
-            verdict.error = _brief(final) + (f" ({why})" if why else "")
-            verdict.risky = why is not None
-    # Name a recipient's own refusal rather than "no recipient accepted".
-    refusals = [info for info in verdict.pending.values() if info is not None]
-    if refusals and (verdict.error is None or not accepted):
-        verdict.error = f"RCPT {_describe(refusals[0])}"
-    return verdict
 
 
 class QueueRunner:
@@ -355,7 +255,7 @@ class QueueRunner:
                 errors.append(f"{target.name}: {error}")
                 break
             verdict = judge(attempt, self._phrases)
-            run.entry = _settle(run.entry, pending, verdict)
+            run.entry = settle(run.entry, pending, verdict)
             if verdict.error is not None:
                 errors.append(f"{target.name}: {verdict.error}")
             run.risky = run.risky or verdict.risky
@@ -535,18 +435,6 @@ def _report(task: asyncio.Task[None], queue_id: str) -> None:
         log.error("%s: delivery failed", queue_id, exc_info=error)
 
 
-def _settle(entry: Entry, pending: Sequence[int], verdict: Verdict) -> Entry:
-    """``entry`` with the verdict's recipients (positions in ``pending``) settled."""
-    for position, reply in verdict.delivered.items():
-        entry = entry.settle((pending[position],), RecipientState.DELIVERED, reply)
-    for position, reply in verdict.failed.items():
-        entry = entry.settle((pending[position],), RecipientState.FAILED, reply)
-    for position, last in verdict.pending.items():
-        if last is not None:
-            entry = entry.settle((pending[position],), RecipientState.PENDING, last)
-    return entry
-
-
 def _upstream(target: Target | None) -> Upstream | None:
     if target is None:
         return None
@@ -555,20 +443,3 @@ def _upstream(target: Target | None) -> Upstream | None:
 
 def _risky(entry: Entry) -> bool:
     return entry.last_error is not None and entry.last_error.startswith(DUPLICATE_RISK)
-
-
-def _ok(reply: Reply | None) -> bool:
-    return reply is not None and reply.code // 100 == 2
-
-
-def _info(reply: Reply) -> ReplyInfo:
-    return ReplyInfo.of(reply, local=False)
-
-
-def _describe(info: ReplyInfo) -> str:
-    return " ".join(str(part) for part in (info.code, info.enhanced, info.text) if part)
-
-
-def _brief(reply: Reply) -> str:
-    first = reply.lines[0].decode("utf-8", "replace") if reply.lines else ""
-    return f"{reply.code} {first}"
