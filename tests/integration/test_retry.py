@@ -8,6 +8,7 @@ record says, for each pattern PRODUCT.md lists.
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from integration.external_tools import SmtpSink
 from integration.recording_upstreams import RawUpstream
 from integration.relay_harness import RunningRelay, StartRelay, WireClient
+from integration.test_relay_flow import StallingUpstream
 from smtpwarden.spool.store import Spool
 
 BODY = b"Subject: retry\r\n\r\n..a stuffed line\r\nend\r\n"
@@ -30,6 +32,7 @@ def start_retrying(
     policy: str = "retry",
     retry: Mapping[str, object] | None = None,
     spool: Mapping[str, object] | None = None,
+    timeouts: Mapping[str, float] | None = None,
 ) -> RunningRelay:
     extra: dict[str, object] = {
         "upstreams": [{"name": "a", **a}, {"name": "b", **b}],
@@ -39,7 +42,7 @@ def start_retrying(
     }
     if spool is not None:
         extra["spool"] = dict(spool)
-    return start_relay(a, extra=extra)
+    return start_relay(a, extra=extra, timeouts=timeouts)
 
 
 def send(relay: RunningRelay) -> tuple[int, bytes]:
@@ -229,3 +232,73 @@ def test_a_spool_that_cannot_take_the_message_leaves_the_client_a_4xx(
     assert raw.startswith(b"451 4.3.0 ")
     (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
     assert record["outcome"] == "deferred"
+
+
+def test_a_held_copy_never_outlives_its_transaction(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream]
+) -> None:
+    a = make_raw_upstream(replies={"BDAT LAST": b"451 4.3.0 Temporary local problem\r\n"})
+    b = make_raw_upstream()
+    relay = start_retrying(start_relay, a.config, b.config)
+    with WireClient(relay.address()) as client:
+        client.start_transaction()
+        client.send(b"BDAT 7\r\nSTALE!\n")
+        client.expect(250)
+        client.command(b"RSET\r\n", 250)
+        client.command(b"MAIL FROM:<sender@example.org>\r\n", 250)
+        client.command(b"RCPT TO:<rcpt@example.net>\r\n", 250)
+        client.send(b"BDAT %d LAST\r\n" % len(BODY) + BODY)
+        assert client.reply()[0] == 250
+        client.command(b"QUIT\r\n", 221)
+    (replayed,) = b.wait_all_ended()
+    assert replayed.bdat_messages == [BODY]
+
+
+def test_a_421_to_the_dot_is_replayed(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream]
+) -> None:
+    a = make_raw_upstream(replies={".": b"421 4.3.2 upstream.test closing\r\n"})
+    b = make_raw_upstream()
+    relay = start_retrying(start_relay, a.config, b.config)
+    with WireClient(relay.address()) as client:
+        client.open_data()
+        client.send(SECTION)
+        assert client.reply() == (250, b"250 2.0.0 Ok: queued\r\n")
+        # The session's upstream said it is closing: the session ends after the answer.
+        assert client.reply()[0] == 421
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert record["outcome"] == "retried"
+
+
+def test_an_upstream_silent_after_the_dot_is_replayed(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream]
+) -> None:
+    a = StallingUpstream(answer_dot=False)
+    a.read_gate.set()
+    b = make_raw_upstream()
+    try:
+        relay = start_retrying(start_relay, a.config, b.config, timeouts={"data_end": 0.5})
+        with WireClient(relay.address()) as client:
+            client.open_data()
+            client.send(SECTION)
+            assert client.reply() == (250, b"250 2.0.0 Ok: queued\r\n")
+        (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+        assert (record["outcome"], record["duplicate_risk"]) == ("retried", True)
+    finally:
+        a.close()
+
+
+def test_a_client_that_half_closes_after_quit_still_gets_the_replay_answer(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream]
+) -> None:
+    a = make_raw_upstream(replies={".": b"451 4.3.0 Temporary local problem\r\n"})
+    b = make_raw_upstream()
+    relay = start_retrying(start_relay, a.config, b.config)
+    with WireClient(relay.address()) as client:
+        client.open_data()
+        client.send(SECTION + b"QUIT\r\n")
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.reply()[0] == 250
+        assert client.reply()[0] == 221
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert record["outcome"] == "retried"

@@ -143,7 +143,11 @@ class SessionEnd(asyncio.Protocol):
             # Half-close, then drop what still arrives for a moment: closing
             # with unread input would reset the connection and could destroy
             # the reply before the client reads it.
-            client.write_eof()
+            try:
+                client.write_eof()
+            except OSError:
+                client.close()  # the client is gone already
+                return
             self._lingering = True
             self.gate.release()
             asyncio.get_running_loop().call_later(LINGER_S, client.close)

@@ -26,7 +26,7 @@ from smtpwarden.config import LimitsConfig, RetryConfig, TimeoutsConfig
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.delivery import Attempt, Envelope, deliver
 from smtpwarden.net.held import HeldMessage
-from smtpwarden.net.upstream import Target
+from smtpwarden.net.upstream import Health, Target
 from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES, contradiction
 from smtpwarden.protocol.records import Outcome
 from smtpwarden.protocol.replies import Reply, make_reply
@@ -46,6 +46,8 @@ class ReplayResult:
     local: bool  # smtpwarden's own reply, not an upstream's
     outcome: Outcome
     attempts: int  # upstream attempts in all, the first included
+    remaining: tuple[bytes, ...] = ()  # RCPT lines no attempt delivered to
+    duplicate_risk: bool = False  # an attempt sent the message and got no clean answer
 
 
 def transient(reply: Reply, phrases: Sequence[str] = DEFAULT_PHRASES) -> bool:
@@ -70,63 +72,103 @@ async def replay(
     held: HeldMessage,
     targets: Sequence[Target],
     first: Target,
+    health: Health,
     retry: RetryConfig,
     timeouts: TimeoutsConfig,
     limits: LimitsConfig,
     hostname: str,
 ) -> ReplayResult:
-    """Replay the transaction until it succeeds or the budget is spent."""
+    """Replay the transaction until every recipient has it or the budget is spent.
+
+    A recipient an attempt delivered to (a clean 2xx to its RCPT and to the
+    end of the message) is left out of later attempts, so no recipient gets
+    the message twice from the replays. Upstreams marked down go last.
+    """
     phrases = (*DEFAULT_PHRASES, *retry.phrases)
-    envelope = Envelope(
-        mail_from=wanted.mail.line,
-        recipients=tuple(rcpt.line for rcpt in wanted.recipients),
-        body="data" if held.kind == "data" else "bdat",
-    )
+    remaining = [rcpt.line for rcpt in wanted.recipients]
     deadline = time.monotonic() + retry.budget
     made = 1
-    for target in replay_order(targets, first, retry.attempts):
+    risk = False
+    order = replay_order(targets, first, retry.attempts)
+    order.sort(key=lambda target: health.is_down(target.name))  # stable: usable first
+    for target in order:
         left = deadline - time.monotonic()
         if left <= 0:
             break
         made += 1
+        envelope = Envelope(
+            mail_from=wanted.mail.line,
+            recipients=tuple(remaining),
+            body="data" if held.kind == "data" else "bdat",
+        )
         try:
             async with asyncio.timeout(left):
                 attempt = await deliver(
-                    target,
-                    envelope,
-                    held,
-                    hostname=hostname,
-                    timeouts=timeouts,
-                    limits=limits,
+                    target, envelope, held, hostname=hostname, timeouts=timeouts, limits=limits
                 )
         except TimeoutError:
             log.info("replay on %s ran out of budget", target.name)
+            risk = True  # it may have been sending the message
             break
-        verdict = _verdict(attempt, len(envelope.recipients), phrases)
+        _report_health(health, target, attempt)
         log.info("replay %d on %s: %s", made - 1, target.name, attempt.error or attempt.final)
-        if verdict is not None:
-            return ReplayResult(reply=verdict[0], local=False, outcome=verdict[1], attempts=made)
+        final = attempt.final
+        if final is not None and final.code // 100 == 5:
+            # Permanent: back to the client unchanged.
+            return ReplayResult(
+                reply=final,
+                local=False,
+                outcome=Outcome.REJECTED,
+                attempts=made,
+                duplicate_risk=risk,
+            )
+        delivered = _delivered(attempt, phrases)
+        risk = risk or (attempt.sent and not delivered)
+        remaining = [line for i, line in enumerate(remaining) if i not in delivered]
+        if final is not None and not remaining:
+            return ReplayResult(
+                reply=final,
+                local=False,
+                outcome=Outcome.RETRIED,
+                attempts=made,
+                duplicate_risk=risk,
+            )
     reply = make_reply(
         451, "4.4.0", f"{hostname} Upstream failed after {made} attempts, try again later"
     )
-    return ReplayResult(reply=reply, local=True, outcome=Outcome.DEFERRED, attempts=made)
+    return ReplayResult(
+        reply=reply,
+        local=True,
+        outcome=Outcome.DEFERRED,
+        attempts=made,
+        remaining=tuple(remaining),
+        duplicate_risk=risk,
+    )
 
 
-def _verdict(
-    attempt: Attempt, recipients: int, phrases: Sequence[str]
-) -> tuple[Reply, Outcome] | None:
-    """The reply that ends the replays, or None to try again."""
+def _delivered(attempt: Attempt, phrases: Sequence[str]) -> set[int]:
+    """Indexes of the recipients this attempt delivered to, cleanly.
+
+    Needs a 2xx to the end of the message that does not contradict itself,
+    and for each recipient a 2xx to its RCPT that does not either ("250
+    recipient rejected" is a refusal).
+    """
     final = attempt.final
-    if final is not None and final.code // 100 == 5:
-        return final, Outcome.REJECTED  # permanent: back to the client unchanged
-    if (
-        attempt.succeeded
-        and final is not None
-        and len(attempt.accepted) == recipients
-        and not transient(final, phrases)
-    ):
-        return final, Outcome.RETRIED
-    return None
+    if final is None or final.code // 100 != 2 or transient(final, phrases):
+        return set()
+    return {
+        i
+        for i, reply in enumerate(attempt.recipients)
+        if reply is not None and reply.code // 100 == 2 and not transient(reply, phrases)
+    }
+
+
+def _report_health(health: Health, target: Target, attempt: Attempt) -> None:
+    banner = attempt.banner
+    if attempt.connected and banner is not None and banner.code // 100 == 2:
+        health.succeeded(target)
+    else:
+        health.failed(target)
 
 
 async def requeue(
@@ -143,7 +185,7 @@ async def requeue(
         raise ValueError("policy requeue without a spool")
     envelope = SpoolEnvelope(
         mail_from=wanted.mail.line,
-        recipients=tuple(rcpt.line for rcpt in wanted.recipients),
+        recipients=spent.remaining,
         body=BodyKind.DATA if held.kind == "data" else BodyKind.BDAT,
         transaction_id=wanted.transaction_id,
         dedupe_key=dedupe_key(
@@ -205,18 +247,26 @@ class Guard:
         config = ctx.config
 
         async def run() -> None:
-            result = await replay(
-                wanted=wanted,
-                held=held,
-                targets=ctx.targets,
-                first=first,
-                retry=config.retry,
-                timeouts=config.timeouts,
-                limits=config.limits,
-                hostname=config.hostname,
-            )
-            if result.outcome is Outcome.DEFERRED and ctx.delivery == "requeue":
-                result = await requeue(ctx, wanted, held, result)
+            try:
+                result = await replay(
+                    wanted=wanted,
+                    held=held,
+                    targets=ctx.targets,
+                    first=first,
+                    health=ctx.health,
+                    retry=config.retry,
+                    timeouts=config.timeouts,
+                    limits=config.limits,
+                    hostname=config.hostname,
+                )
+                if result.outcome is Outcome.DEFERRED and ctx.delivery == "requeue":
+                    result = await requeue(ctx, wanted, held, result)
+            except Exception:
+                # A bug must not leave the client waiting for ever: it gets
+                # a 4xx and keeps the message.
+                log.exception("replay of %s failed", wanted.transaction_id)
+                reply = make_reply(451, "4.3.0", f"{config.hostname} Local error, try again later")
+                result = ReplayResult(reply=reply, local=True, outcome=Outcome.DEFERRED, attempts=1)
             self.task = None
             done(result)
 

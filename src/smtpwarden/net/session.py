@@ -148,7 +148,8 @@ class Session(SessionEnd):
         if self._closed:
             return False
         self._client_eof = True
-        if self.tracker.awaiting and not self._in_body and self.upstream is not None:
+        waiting = self.tracker.awaiting or self._awaiting_end
+        if waiting and not self._in_body and (self.upstream is not None or self.guard.replaying):
             return True
         self._client_gone("client_closed")
         return False
@@ -223,6 +224,7 @@ class Session(SessionEnd):
                     self._end(replies.shutting_down, "shutdown")
                     return
                 self._recipients = 0
+                self.guard.release()  # a held copy belongs to one transaction
             case Verb.RCPT:
                 if self._recipients >= self.ctx.config.limits.max_recipients:
                     self._answer(command, verb, replies.too_many_recipients)
@@ -248,8 +250,10 @@ class Session(SessionEnd):
             case Verb.HELO:
                 self._chunking = False  # HELO offers no extensions (RFC 5321 4.1.1.1)
                 self._recipients = 0
+                self.guard.release()
             case Verb.EHLO | Verb.RSET:
                 self._recipients = 0
+                self.guard.release()
             case Verb.QUIT:
                 self._quitting = True
             case _:
@@ -271,7 +275,17 @@ class Session(SessionEnd):
         self.tracker.body(data)
         held = self.guard.held
         if held is not None:
-            held.append(data)
+            try:
+                held.append(data)
+            except OSError as error:
+                # No room for the held copy: this message goes on unguarded
+                # rather than fail; the upstream's verdict is relayed as is.
+                log.error(
+                    "session %s: cannot hold the message: %s", self.tracker.info.session_id, error
+                )
+                self.guard.release()
+                self.tracker.stop_replays()
+                held = None
         if body.done and (self._body_kind == "data" or self._chunk_last):
             self._in_body = False
             self.tracker.end_of_body(_now())
@@ -349,7 +363,7 @@ class Session(SessionEnd):
                 why = f"reply nobody asked for: {reply.raw[:80]!r}"
                 self._upstream_failed(why, "upstream_unsolicited")
                 return
-            if tracker.replay is not None:
+            if tracker.replay is not None and not self.guard.replaying:
                 self._start_replay()  # the failure is not relayed: a replay answers
             else:
                 self._on_reply(entry, reply)
@@ -357,6 +371,9 @@ class Session(SessionEnd):
             if ready:
                 self._to_client.append(ready)
             if self._has_ended():
+                return
+            if reply.code == 421 and self.guard.replaying:
+                self._abort_upstream()  # the replay answers; the session ends after it
                 return
             if reply.code == 421:
                 # RFC 5321 3.8: the upstream is closing. Its reply reached
@@ -367,7 +384,7 @@ class Session(SessionEnd):
         self._flush()
         if tracker.records:
             self._write_records()
-        if (self._quitting or self._client_eof) and not tracker.awaiting:
+        if self._all_answered():
             self._end(None, "quit" if self._quitting else "client_closed")
             return
         # Read the client again only now that every reply of this read has
@@ -409,10 +426,15 @@ class Session(SessionEnd):
                 out.append(reply.raw)
                 if entry.body is not None:
                     self._release_held()
+                elif entry.verb is Verb.BDAT and reply.code // 100 != 2:
+                    self.guard.release()  # RFC 3030 4.2: the transaction failed
 
     def upstream_lost(self) -> None:
         """The upstream connection closed."""
         if self._closed:
+            return
+        if self.guard.replaying:
+            self.upstream = None  # the replay answers; the session ends after it
             return
         try:
             self.reader.receive_eof()
@@ -449,7 +471,9 @@ class Session(SessionEnd):
         if self._closed:
             return
         info = ReplyInfo.of(result.reply, local=result.local)
-        self.tracker.end_replay(info, result.outcome, result.attempts, _now())
+        self.tracker.end_replay(
+            info, result.outcome, result.attempts, _now(), duplicate_risk=result.duplicate_risk
+        )
         self._write_records()
         self._to_client.append(result.reply.raw)
         if self.upstream is None:
@@ -461,6 +485,17 @@ class Session(SessionEnd):
         self._resume_pump = False
         self._pump_client()
         self._flush()
+        if self._all_answered():
+            self._end(None, "quit" if self._quitting else "client_closed")
+
+    def _all_answered(self) -> bool:
+        """The client said QUIT or half-closed, and has every reply it awaits."""
+        return (
+            (self._quitting or self._client_eof)
+            and not self.tracker.awaiting
+            and not self._awaiting_end
+            and not self.guard.replaying
+        )
 
     def upstream_full(self) -> None:
         """The upstream's write buffer passed its high-water mark."""
@@ -475,6 +510,9 @@ class Session(SessionEnd):
         log.warning(
             "session %s: upstream %s: %s", self.tracker.info.session_id, self.target.name, why
         )
+        if self.guard.replaying:
+            self._abort_upstream()  # the replay answers; the session ends after it
+            return
         if self._replay_lost():
             return
         self._abort_upstream()

@@ -88,6 +88,10 @@ class Verdict:
     risky: bool = False
 
 
+def _contradicts(reply: Reply, phrases: Sequence[str]) -> bool:
+    return contradiction(reply.code, reply.enhanced, reply.text, phrases=phrases) is not None
+
+
 def judge(attempt: Attempt, phrases: Sequence[str] = DEFAULT_PHRASES) -> Verdict:
     """Sort an attempt's recipients into delivered, failed (5xx) and pending."""
     verdict = Verdict(error=attempt.error)
@@ -105,10 +109,13 @@ def judge(attempt: Attempt, phrases: Sequence[str] = DEFAULT_PHRASES) -> Verdict
     for i, reply in enumerate(attempt.recipients):
         if reply is not None and reply.code // 100 == 5:
             verdict.failed[i] = _info(reply)
-        elif _ok(reply):
+        elif _ok(reply) and reply is not None and not _contradicts(reply, phrases):
             accepted.append(i)
         else:
+            # A "250 recipient rejected" stays pending: it may or may not get
+            # the message, so it is tried again (a duplicate risk).
             verdict.pending[i] = _info(reply) if reply else None
+            verdict.risky = verdict.risky or _ok(reply)
     final, data = attempt.final, attempt.data
     if final is None:
         # Not sent, or sent without an answer (lost): no verdict for the accepted.
@@ -117,7 +124,7 @@ def judge(attempt: Attempt, phrases: Sequence[str] = DEFAULT_PHRASES) -> Verdict
             verdict.failed.update(dict.fromkeys(accepted, _info(refusal)))
         else:
             verdict.pending.update(dict.fromkeys(accepted, _info(refusal) if refusal else None))
-        verdict.risky = attempt.sent
+        verdict.risky = verdict.risky or attempt.sent
     else:
         why = contradiction(final.code, final.enhanced, final.text, phrases=phrases)
         if _ok(final) and why is None:
@@ -127,7 +134,7 @@ def judge(attempt: Attempt, phrases: Sequence[str] = DEFAULT_PHRASES) -> Verdict
         else:
             verdict.pending.update(dict.fromkeys(accepted, _info(final)))
             verdict.error = _brief(final) + (f" ({why})" if why else "")
-            verdict.risky = why is not None
+            verdict.risky = verdict.risky or why is not None
     # Name a recipient's own refusal rather than "no recipient accepted".
     refusals = [info for info in verdict.pending.values() if info is not None]
     if refusals and (verdict.error is None or not accepted):

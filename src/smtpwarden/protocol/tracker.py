@@ -77,6 +77,7 @@ class _Transaction:
     sent: tuple[int, str] | None = None  # size and SHA-256 once the message went out
     replaying: bool = False  # its end awaits a replay, not an upstream reply
     duplicate_risk: bool = False  # replayed after a lost outcome
+    no_replay: bool = False  # its message is not held: no replay possible
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -417,7 +418,13 @@ class SessionTracker:
 
     def _end_message(self, tx: _Transaction, entry: Awaiting, reply: Reply, now: float) -> None:
         tx.sent = entry.body or tx.sent
-        if self._replays is not None and tx.sent is not None and self._replays(reply):
+        if (
+            self._replays is not None
+            and tx.sent is not None
+            and tx.accepted
+            and not tx.no_replay
+            and self._replays(reply)
+        ):
             tx.replaying = True
             self.replay = self._replay_of(tx, reply)
             return
@@ -432,6 +439,8 @@ class SessionTracker:
         """
         tx = self._tx
         if self._replays is None or tx is None or not self._queue:
+            return False
+        if not tx.accepted or tx.no_replay:
             return False
         entry = self._queue[0]
         if entry.body is None:
@@ -455,13 +464,25 @@ class SessionTracker:
             sent=tx.sent,
         )
 
+    def stop_replays(self) -> None:
+        """No replay for the open transaction (its held copy is gone)."""
+        if self._tx is not None:
+            self._tx.no_replay = True
+
     def end_replay(
-        self, final: ReplyInfo | None, outcome: Outcome, attempts: int, now: float
+        self,
+        final: ReplyInfo | None,
+        outcome: Outcome,
+        attempts: int,
+        now: float,
+        *,
+        duplicate_risk: bool = False,
     ) -> None:
         """Close the transaction a replay was for."""
         tx = self._tx
         if tx is None or not tx.replaying:
             raise LocalProtocolError("no transaction awaits a replay")
+        tx.duplicate_risk = tx.duplicate_risk or duplicate_risk
         self.replay = None
         self._finish(final, outcome, now, tx.sent, attempts=attempts)
 
