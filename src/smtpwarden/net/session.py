@@ -11,8 +11,9 @@ Rules kept here:
 - A client that goes away before its message is complete leaves the upstream
   with an incomplete DATA or BDAT: the upstream connection is aborted, so no
   end of data can follow.
-- smtpwarden never answers 2xx to the end of a message itself: every such
-  reply is the upstream's (PRODUCT.md, invariant 1).
+- A 2xx to the end of a message is the upstream's reply to that message
+  (or, under retry, a replay's), or, under requeue, comes only once the
+  message is fsynced in the spool (PRODUCT.md, invariant 1).
 - Reading from the client pauses while the upstream's write buffer is full,
   while DATA awaits the upstream's verdict, and while too many pipelined
   commands await replies (``flow.Hold``); reading from the upstream pauses
@@ -541,7 +542,13 @@ class Session(SessionEnd):
             return
         entry = self.tracker.oldest()
         if entry is not None and entry.local is None:
-            if now - entry.sent_at > reply_timeout(entry, timeouts):
+            limit = reply_timeout(entry, timeouts)
+            if entry.body is not None and self.guard.held is not None:
+                # A held message's lost outcome is replayed: wait no longer
+                # than the replays' own budget, so that both fit well inside
+                # the client's 10 minutes (RFC 5321 4.5.3.2.6).
+                limit = min(limit, self.ctx.config.retry.budget)
+            if now - entry.sent_at > limit:
                 if self._replay_lost():
                     return
                 self._abort_upstream()
