@@ -50,6 +50,11 @@ class ReplayResult:
     duplicate_risk: bool = False  # an attempt sent the message and got no clean answer
 
 
+def phrases_of(retry: RetryConfig) -> tuple[str, ...]:
+    """The contradictory-250 phrases in force: the built-in list and the configured ones."""
+    return (*DEFAULT_PHRASES, *retry.phrases)
+
+
 def transient(reply: Reply, phrases: Sequence[str] = DEFAULT_PHRASES) -> bool:
     """True if ``reply``, ending a sent message, calls for a replay."""
     if reply.code // 100 == 4:
@@ -84,7 +89,7 @@ async def replay(
     end of the message) is left out of later attempts, so no recipient gets
     the message twice from the replays. Upstreams marked down go last.
     """
-    phrases = (*DEFAULT_PHRASES, *retry.phrases)
+    phrases = phrases_of(retry)
     remaining = [rcpt.line for rcpt in wanted.recipients]
     deadline = time.monotonic() + retry.budget
     made = 1

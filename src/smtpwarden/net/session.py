@@ -32,9 +32,8 @@ from typing import cast
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.ending import SessionEnd
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
-from smtpwarden.net.replay import Guard, ReplayResult, transient
+from smtpwarden.net.replay import Guard, ReplayResult, phrases_of, transient
 from smtpwarden.net.upstream import connect, reply_timeout
-from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES
 from smtpwarden.protocol.errors import LocalProtocolError, MalformedReply, RemoteProtocolError
 from smtpwarden.protocol.events import PAUSED, BadCommand, Bdat, Body, Command, Signal, Verb
 from smtpwarden.protocol.extensions import reconcile
@@ -116,8 +115,7 @@ class Session(SessionEnd):
         )
         replays = None
         if ctx.delivery != "passthrough":
-            phrases = (*DEFAULT_PHRASES, *ctx.config.retry.phrases)
-            replays = functools.partial(transient, phrases=phrases)
+            replays = functools.partial(transient, phrases=phrases_of(ctx.config.retry))
         self.tracker = SessionTracker(
             info=info, now=_now(), epoch_offset=ctx.epoch_offset, replays=replays
         )

@@ -44,10 +44,11 @@ from typing import BinaryIO, TypeVar
 
 from smtpwarden.config import Config
 from smtpwarden.net.delivery import Envelope, deliver
+from smtpwarden.net.held import READ_BLOCK_BYTES
+from smtpwarden.net.replay import phrases_of
 from smtpwarden.net.upstream import Target
 from smtpwarden.net.verdict import DeliveryOutcome, DeliveryRecord, RecipientResult, judge, settle
 from smtpwarden.observe.txlog import RecordLog
-from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES
 from smtpwarden.protocol.records import Upstream, iso_time
 from smtpwarden.spool import BodyKind, Entry, EntryBusy, EntryState, Lease, NoSuchEntry, Spool
 from smtpwarden.spool.model import RecipientState
@@ -60,8 +61,6 @@ T = TypeVar("T")
 # The longest wait between two looks at the spool: an operator's
 # ``queue retry`` or ``release`` is picked up within it. Our choice.
 TICK_S = 1.0
-# Octets read from a message file at a time: asyncio's stream buffer size.
-READ_BLOCK_BYTES = 64 * 1024
 # The configuration allows a jitter of 1 (a delay anywhere from 0 to twice
 # itself); ``schedule.Backoff`` needs it below 1 so that no delay is 0.
 MAX_JITTER = 0.99
@@ -109,7 +108,7 @@ class QueueRunner:
             jitter=min(settings.jitter, MAX_JITTER),
             max_age_s=config.spool.max_age,
         )
-        self._phrases = (*DEFAULT_PHRASES, *config.retry.phrases)
+        self._phrases = phrases_of(config.retry)
         self._woken = asyncio.Event()
         # Outcomes that could not be written back (a full disk): not before
         # when to try the entry again, and whether it risks a duplicate.
