@@ -477,24 +477,28 @@ def test_step_commands_are_the_verbs_plus_markers() -> None:
     assert values == {verb.value for verb in Verb} | {"CONNECT", ".", "BDAT LAST", "UNKNOWN"}
 
 
+SESSION_MODULES = ("session", "ending", "guarded")
+
+
 def _end_reasons_in_session_module() -> set[str]:
-    """String literals passed as the end reason in net/session.py."""
-    spec = importlib.util.find_spec("smtpwarden.net.session")
-    assert spec is not None
-    assert spec.origin is not None
-    with open(spec.origin, encoding="utf-8") as source:
-        tree = ast.parse(source.read())
+    """String literals passed as the end reason in the session's modules."""
     position = {"_end": 1, "_client_gone": 0, "_upstream_failed": 1}
     reasons: set[str] = set()
-    for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-            continue
-        index = position.get(node.func.attr)
-        if index is None or len(node.args) <= index:
-            continue
-        for part in ast.walk(node.args[index]):
-            if isinstance(part, ast.Constant) and isinstance(part.value, str):
-                reasons.add(part.value)
+    for name in SESSION_MODULES:
+        spec = importlib.util.find_spec(f"smtpwarden.net.{name}")
+        assert spec is not None
+        assert spec.origin is not None
+        with open(spec.origin, encoding="utf-8") as source:
+            tree = ast.parse(source.read())
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            index = position.get(node.func.attr)
+            if index is None or len(node.args) <= index:
+                continue
+            for part in ast.walk(node.args[index]):
+                if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                    reasons.add(part.value)
     return reasons
 
 

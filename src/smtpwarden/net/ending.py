@@ -6,7 +6,9 @@ that ends a session mid-message has aborted it already), the tracker writes
 the open transaction's record and the session's, and the client connection
 is half-closed and drained for a moment so the reply is read, not reset.
 Shutdown asks sessions to end between transactions (``drain``) and, past
-its grace, ends them wherever they are (``force_close``).
+its grace, ends them wherever they are (``force_close``); the relay's tick
+asks each session whether its current phase has run out of time
+(``check_deadline``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import asyncio
 import time
 
 from smtpwarden.net.context import ListenerContext
-from smtpwarden.net.flow import ReadGate
+from smtpwarden.net.flow import Hold, ReadGate
 from smtpwarden.net.replay import Guard
+from smtpwarden.net.upstream import reply_timeout
 from smtpwarden.protocol.records import ReplyInfo
 from smtpwarden.protocol.replies import Reply
+from smtpwarden.protocol.server import ServerConnection
+from smtpwarden.protocol.state import ServerState
 from smtpwarden.protocol.tracker import SessionTracker
 
 # After a closing reply, how long to keep reading (and dropping) what the
@@ -45,6 +50,13 @@ class SessionEnd(asyncio.Protocol):
     _lingering: bool
     _client_bytes: int
     _upstream_bytes: int
+    core: ServerConnection
+    _last_client: float
+    _stalled_since: float
+
+    def _replay_lost(self) -> bool:
+        """Replay a sent message whose reply will not come; see ``Session``."""
+        raise NotImplementedError
 
     @property
     def closed(self) -> bool:
@@ -56,6 +68,46 @@ class SessionEnd(asyncio.Protocol):
         # narrowed narrowed across calls that change it, and loops here call
         # handlers that may end the session.
         return self._closed
+
+    def check_deadline(self, now: float) -> None:
+        """Close the session if the phase it is in has run out of time.
+
+        A side whose write buffer stays full is the side that is late: an
+        upstream that stops reading the message is timed as an upstream,
+        not blamed on the client whose reading was paused for it.
+        """
+        if self._closed or self._connector is not None or self.guard.replaying:
+            return  # connecting and replays have deadlines of their own
+        timeouts = self.ctx.config.timeouts
+        gate = self.gate
+        replies = self.ctx.replies
+        if gate.holds(Hold.FLOW) and now - self._stalled_since > timeouts.data_block:
+            self._abort_upstream()
+            self._end(replies.upstream_timeout, "upstream_timeout", failed=True)
+            return
+        if gate.holds(Hold.CLIENT) and now - self._stalled_since > timeouts.command:
+            self._client_gone("client_timeout")
+            return
+        entry = self.tracker.oldest()
+        if entry is not None and entry.local is None:
+            limit = reply_timeout(entry, timeouts)
+            if entry.body is not None and self.guard.held is not None:
+                # A held message's lost outcome is replayed: wait no longer
+                # than the replays' own budget, so that both fit well inside
+                # the client's 10 minutes (RFC 5321 4.5.3.2.6).
+                limit = min(limit, self.ctx.config.retry.budget)
+            if now - entry.sent_at > limit:
+                if self._replay_lost():
+                    return
+                self._abort_upstream()
+                self._end(replies.upstream_timeout, "upstream_timeout", failed=True)
+            return
+        reading_body = self.core.state in (ServerState.DATA, ServerState.CHUNK)
+        idle = timeouts.data_block if reading_body else timeouts.command
+        if now - self._last_client > idle and not gate.holds(Hold.FLOW | Hold.CLIENT):
+            if self._in_body:
+                self._abort_upstream()
+            self._end(replies.client_timeout, "client_timeout")
 
     def drain(self) -> None:
         """Close now if between transactions; the relay is shutting down."""

@@ -30,17 +30,16 @@ from dataclasses import replace
 from typing import cast
 
 from smtpwarden.net.context import ListenerContext
-from smtpwarden.net.ending import SessionEnd
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
-from smtpwarden.net.replay import Guard, ReplayResult, phrases_of, transient
-from smtpwarden.net.upstream import connect, reply_timeout
+from smtpwarden.net.guarded import GuardedSession
+from smtpwarden.net.replay import Guard, phrases_of, transient
+from smtpwarden.net.upstream import connect
 from smtpwarden.protocol.errors import LocalProtocolError, MalformedReply, RemoteProtocolError
 from smtpwarden.protocol.events import PAUSED, BadCommand, Bdat, Body, Command, Signal, Verb
 from smtpwarden.protocol.extensions import reconcile
-from smtpwarden.protocol.records import Peer, ReplyInfo, SessionInfo, Tls, Upstream
+from smtpwarden.protocol.records import Peer, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import Reply, ReplyReader, reply_for
 from smtpwarden.protocol.server import ServerConnection
-from smtpwarden.protocol.state import ServerState
 from smtpwarden.protocol.tracker import Awaiting, SessionTracker
 
 log = logging.getLogger("smtpwarden.session")
@@ -58,7 +57,7 @@ AWAITING_END_BUFFER_BYTES = 64 * 1024
 _NO_TLS = Tls()
 
 
-class Session(SessionEnd):
+class Session(GuardedSession):
     """One client connection relayed to one upstream connection."""
 
     def __init__(self, ctx: ListenerContext, upstream: Upstream) -> None:
@@ -442,60 +441,6 @@ class Session(SessionEnd):
             return
         self._upstream_failed("connection lost", "upstream_lost")
 
-    def _replay_lost(self) -> bool:
-        """Replay a sent message whose reply will not come, if the policy says so."""
-        if self.guard.held is None or self.guard.replaying:
-            return False
-        if self.ctx.config.retry.lost_outcome != "retry" or not self.tracker.lost_message(_now()):
-            return False
-        self._abort_upstream()
-        self._start_replay()
-        return True
-
-    def _release_held(self) -> None:
-        self.guard.release()
-        self._awaiting_end = False
-        self.gate.resume(Hold.REPLAY)
-        self._resume_pump = True
-
-    def _start_replay(self) -> None:
-        wanted = self.tracker.replay
-        if wanted is None:
-            raise LocalProtocolError("a replay with nothing to replay")
-        self._awaiting_end = True
-        self.gate.pause(Hold.REPLAY)
-        self.guard.start(wanted, self.target, self._replayed)
-
-    def _replayed(self, result: ReplayResult) -> None:
-        if self._closed:
-            return
-        info = ReplyInfo.of(result.reply, local=result.local)
-        self.tracker.end_replay(
-            info, result.outcome, result.attempts, _now(), duplicate_risk=result.duplicate_risk
-        )
-        self._write_records()
-        self._to_client.append(result.reply.raw)
-        if self.upstream is None:
-            # The upstream connection went with the lost reply; the message
-            # has its answer, and the session ends here.
-            self._end(self.ctx.replies.upstream_failed, "upstream_lost")
-            return
-        self._release_held()
-        self._resume_pump = False
-        self._pump_client()
-        self._flush()
-        if self._all_answered():
-            self._end(None, "quit" if self._quitting else "client_closed")
-
-    def _all_answered(self) -> bool:
-        """The client said QUIT or half-closed, and has every reply it awaits."""
-        return (
-            (self._quitting or self._client_eof)
-            and not self.tracker.awaiting
-            and not self._awaiting_end
-            and not self.guard.replaying
-        )
-
     def upstream_full(self) -> None:
         """The upstream's write buffer passed its high-water mark."""
         self._stalled_since = _now()
@@ -516,45 +461,3 @@ class Session(SessionEnd):
             return
         self._abort_upstream()
         self._end(self.ctx.replies.upstream_failed, reason, failed=True)
-
-    # -- deadlines and shutdown ------------------------------------------------
-
-    def check_deadline(self, now: float) -> None:
-        """Close the session if the phase it is in has run out of time.
-
-        A side whose write buffer stays full is the side that is late: an
-        upstream that stops reading the message is timed as an upstream,
-        not blamed on the client whose reading was paused for it.
-        """
-        if self._closed or self._connector is not None or self.guard.replaying:
-            return  # connecting and replays have deadlines of their own
-        timeouts = self.ctx.config.timeouts
-        gate = self.gate
-        replies = self.ctx.replies
-        if gate.holds(Hold.FLOW) and now - self._stalled_since > timeouts.data_block:
-            self._abort_upstream()
-            self._end(replies.upstream_timeout, "upstream_timeout", failed=True)
-            return
-        if gate.holds(Hold.CLIENT) and now - self._stalled_since > timeouts.command:
-            self._client_gone("client_timeout")
-            return
-        entry = self.tracker.oldest()
-        if entry is not None and entry.local is None:
-            limit = reply_timeout(entry, timeouts)
-            if entry.body is not None and self.guard.held is not None:
-                # A held message's lost outcome is replayed: wait no longer
-                # than the replays' own budget, so that both fit well inside
-                # the client's 10 minutes (RFC 5321 4.5.3.2.6).
-                limit = min(limit, self.ctx.config.retry.budget)
-            if now - entry.sent_at > limit:
-                if self._replay_lost():
-                    return
-                self._abort_upstream()
-                self._end(replies.upstream_timeout, "upstream_timeout", failed=True)
-            return
-        reading_body = self.core.state in (ServerState.DATA, ServerState.CHUNK)
-        idle = timeouts.data_block if reading_body else timeouts.command
-        if now - self._last_client > idle and not gate.holds(Hold.FLOW | Hold.CLIENT):
-            if self._in_body:
-                self._abort_upstream()
-            self._end(replies.client_timeout, "client_timeout")

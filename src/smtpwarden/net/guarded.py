@@ -1,0 +1,89 @@
+"""The session's side of guarded delivery: replays and their answers.
+
+Under retry and requeue, the session hands the end of a held message to
+``replay.Guard`` when the upstream's verdict calls for a replay (or never
+comes), and gives the client the replay's answer when it is there. Until
+then nothing the client pipelined after the message is relayed, so replies
+keep their order (RFC 2920 3.1).
+"""
+
+from __future__ import annotations
+
+import time
+
+from smtpwarden.net.ending import SessionEnd
+from smtpwarden.net.flow import Hold
+from smtpwarden.net.replay import ReplayResult
+from smtpwarden.net.upstream import Target
+from smtpwarden.protocol.errors import LocalProtocolError
+from smtpwarden.protocol.records import ReplyInfo
+
+_now = time.monotonic
+
+
+class GuardedSession(SessionEnd):
+    """Replay glue between ``SessionEnd`` and ``Session``."""
+
+    target: Target
+    _awaiting_end: bool
+    _resume_pump: bool
+    _quitting: bool
+    _client_eof: bool
+
+    def _pump_client(self) -> None:
+        """Relay what the client sent; see ``Session``."""
+        raise NotImplementedError
+
+    def _replay_lost(self) -> bool:
+        """Replay a sent message whose reply will not come, if the policy says so."""
+        if self.guard.held is None or self.guard.replaying:
+            return False
+        if self.ctx.config.retry.lost_outcome != "retry" or not self.tracker.lost_message(_now()):
+            return False
+        self._abort_upstream()
+        self._start_replay()
+        return True
+
+    def _release_held(self) -> None:
+        self.guard.release()
+        self._awaiting_end = False
+        self.gate.resume(Hold.REPLAY)
+        self._resume_pump = True
+
+    def _start_replay(self) -> None:
+        wanted = self.tracker.replay
+        if wanted is None:
+            raise LocalProtocolError("a replay with nothing to replay")
+        self._awaiting_end = True
+        self.gate.pause(Hold.REPLAY)
+        self.guard.start(wanted, self.target, self._replayed)
+
+    def _replayed(self, result: ReplayResult) -> None:
+        if self._closed:
+            return
+        info = ReplyInfo.of(result.reply, local=result.local)
+        self.tracker.end_replay(
+            info, result.outcome, result.attempts, _now(), duplicate_risk=result.duplicate_risk
+        )
+        self._write_records()
+        self._to_client.append(result.reply.raw)
+        if self.upstream is None:
+            # The upstream connection went with the lost reply; the message
+            # has its answer, and the session ends here.
+            self._end(self.ctx.replies.upstream_failed, "upstream_lost")
+            return
+        self._release_held()
+        self._resume_pump = False
+        self._pump_client()
+        self._flush()
+        if self._all_answered():
+            self._end(None, "quit" if self._quitting else "client_closed")
+
+    def _all_answered(self) -> bool:
+        """The client said QUIT or half-closed, and has every reply it awaits."""
+        return (
+            (self._quitting or self._client_eof)
+            and not self.tracker.awaiting
+            and not self._awaiting_end
+            and not self.guard.replaying
+        )
