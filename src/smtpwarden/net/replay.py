@@ -30,7 +30,7 @@ from smtpwarden.net.upstream import Health, Target
 from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES, contradiction
 from smtpwarden.protocol.records import Outcome
 from smtpwarden.protocol.replies import Reply, make_reply
-from smtpwarden.protocol.tracker import Replay, dedupe_key
+from smtpwarden.protocol.transaction import Replay, dedupe_key
 from smtpwarden.spool.errors import SpoolError
 from smtpwarden.spool.model import BodyKind
 from smtpwarden.spool.model import Envelope as SpoolEnvelope

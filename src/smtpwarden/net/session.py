@@ -40,7 +40,8 @@ from smtpwarden.protocol.extensions import reconcile
 from smtpwarden.protocol.records import Peer, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import Reply, ReplyReader, reply_for
 from smtpwarden.protocol.server import ServerConnection
-from smtpwarden.protocol.tracker import Awaiting, SessionTracker
+from smtpwarden.protocol.tracker import SessionTracker
+from smtpwarden.protocol.transaction import Awaiting
 
 log = logging.getLogger("smtpwarden.session")
 

@@ -14,7 +14,7 @@ from typing import Protocol, cast
 
 from smtpwarden.config import HealthConfig, TimeoutsConfig
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES
-from smtpwarden.protocol.tracker import Awaiting
+from smtpwarden.protocol.transaction import Awaiting
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

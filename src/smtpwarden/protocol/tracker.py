@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 
 from smtpwarden.protocol.diagnosis import diagnose
 from smtpwarden.protocol.errors import LocalProtocolError
-from smtpwarden.protocol.events import Bdat, Command, MailFrom, Param, RcptTo, Verb
+from smtpwarden.protocol.events import Bdat, Command, MailFrom, RcptTo, Verb
 from smtpwarden.protocol.records import (
     Address,
     Outcome,
@@ -35,6 +35,7 @@ from smtpwarden.protocol.records import (
     text_of,
 )
 from smtpwarden.protocol.replies import Reply
+from smtpwarden.protocol.transaction import Awaiting, Replay, Transaction, dedupe_key, params_of
 
 # The session timeline keeps the commands outside transactions; a session
 # can run thousands of transactions, so only the first steps are kept.
@@ -45,63 +46,6 @@ MAX_SESSION_STEPS = 64
 MAX_TRANSACTION_STEPS = 2048
 # The DATA terminator's last octets, ".<CRLF>", are not part of the message.
 _DOT_CRLF = 3
-
-
-@dataclass(slots=True, kw_only=True)
-class Awaiting:
-    """A command waiting for its reply.
-
-    ``name`` is what the timeline shows: the verb, "CONNECT" for the banner,
-    "." for the end of data, "BDAT LAST" for the last chunk. ``body`` holds
-    the message size and SHA-256 once the message has been sent.
-    """
-
-    name: str
-    verb: Verb | None
-    sent_at: float
-    command: Command | None
-    local: Reply | None = None
-    body: tuple[int, str] | None = None
-
-
-@dataclass(slots=True, kw_only=True)
-class _Transaction:
-    number: int
-    started_at: float
-    mail_from: Address
-    recipients: list[Address]
-    steps: list[Step]
-    mail_command: MailFrom
-    accepted: list[RcptTo]  # the RCPT commands the upstream answered 2xx
-    body: str | None = None
-    sent: tuple[int, str] | None = None  # size and SHA-256 once the message went out
-    replaying: bool = False  # its end awaits a replay, not an upstream reply
-    duplicate_risk: bool = False  # replayed after a lost outcome
-    no_replay: bool = False  # its message is not held: no replay possible
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Replay:
-    """What a replay of the open transaction needs from the tracker."""
-
-    mail: MailFrom
-    recipients: tuple[RcptTo, ...]  # only those the upstream accepted
-    first_failure: Reply | None  # the reply that called for it; None if none came
-    transaction_id: str
-    sent: tuple[int, str]  # the message's size and SHA-256
-
-
-def dedupe_key(mail: bytes, recipients: Iterable[bytes], body_sha256: str) -> str:
-    """A hash of envelope and body: the same message sent twice shares it."""
-    digest = hashlib.sha256(mail)
-    for line in recipients:
-        digest.update(line)
-    digest.update(body_sha256.encode("ascii"))
-    return digest.hexdigest()
-
-
-def _params(params: tuple[Param, ...]) -> dict[str, str | None]:
-    return {text_of(key): None if value is None else text_of(value) for key, value in params}
 
 
 class SessionTracker:
@@ -134,7 +78,7 @@ class SessionTracker:
         self.records: list[TransactionRecord] = []
         self._queue: deque[Awaiting] = deque()
         self._queue.append(Awaiting(name="CONNECT", verb=None, sent_at=now, command=None))
-        self._tx: _Transaction | None = None
+        self._tx: Transaction | None = None
         self._count = 0
         self._steps: list[Step] = []
         # The message being sent: hashed as it streams, lagging three octets
@@ -337,10 +281,10 @@ class SessionTracker:
         self._count += 1
         mail_from = Address(
             address=text_of(command.path),
-            params=_params(command.params),
+            params=params_of(command.params),
             reply=None if reply is None else ReplyInfo.of(reply, local=entry.local is not None),
         )
-        self._tx = _Transaction(
+        self._tx = Transaction(
             number=self._count,
             started_at=entry.sent_at,
             mail_from=mail_from,
@@ -386,7 +330,7 @@ class SessionTracker:
                     tx.recipients.append(
                         Address(
                             address=text_of(command.path),
-                            params=_params(command.params),
+                            params=params_of(command.params),
                             reply=ReplyInfo.of(reply, local=local),
                         )
                     )
@@ -416,7 +360,7 @@ class SessionTracker:
             case _:
                 self._step(entry, reply, now)
 
-    def _end_message(self, tx: _Transaction, entry: Awaiting, reply: Reply, now: float) -> None:
+    def _end_message(self, tx: Transaction, entry: Awaiting, reply: Reply, now: float) -> None:
         tx.sent = entry.body or tx.sent
         if (
             self._replays is not None
@@ -453,7 +397,7 @@ class SessionTracker:
         self.replay = self._replay_of(tx, None)
         return True
 
-    def _replay_of(self, tx: _Transaction, failure: Reply | None) -> Replay:
+    def _replay_of(self, tx: Transaction, failure: Reply | None) -> Replay:
         if tx.sent is None:
             raise LocalProtocolError("a replay of a message that was not sent")
         return Replay(
