@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -302,3 +303,48 @@ def test_a_client_that_half_closes_after_quit_still_gets_the_replay_answer(
         assert client.reply()[0] == 221
     (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
     assert record["outcome"] == "retried"
+
+
+def test_no_room_for_the_held_copy_leaves_the_message_unguarded(
+    start_relay: StartRelay,
+    make_raw_upstream: Callable[..., RawUpstream],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The spill folder is a file: the held copy cannot spill past 1 KiB.
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocked))
+    a = make_raw_upstream(replies={".": b"451 4.3.0 Temporary local problem\r\n"})
+    b = make_raw_upstream()
+    relay = start_retrying(start_relay, a.config, b.config, retry={"hold_memory_bytes": 1024})
+    big = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n" + b"y" * 998 + b"\r\n.\r\n"
+    with WireClient(relay.address()) as client:
+        client.open_data()
+        client.send(big)
+        # Unguarded: the upstream's verdict is relayed as it is.
+        assert client.reply() == (451, b"451 4.3.0 Temporary local problem\r\n")
+        client.command(b"QUIT\r\n", 221)
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert (record["outcome"], record["attempts"]) == ("deferred", 1)
+    assert a.wait_all_ended()[0].data == [big]
+
+
+def test_shutdown_during_a_replay_answers_421(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream]
+) -> None:
+    a = make_raw_upstream(replies={".": b"451 4.3.0 Temporary local problem\r\n"})
+    b = StallingUpstream(answer_dot=False)
+    b.read_gate.set()
+    try:
+        relay = start_retrying(start_relay, a.config, b.config)
+        with WireClient(relay.address()) as client:
+            client.open_data()
+            client.send(SECTION)
+            b.done.wait(10)  # the replay has sent the message and waits
+            relay.stop(grace=0.5)
+            assert client.reply()[0] == 421
+        (record,) = relay.records("transaction")
+        assert record["outcome"] in ("unknown", "deferred")
+    finally:
+        b.close()
