@@ -44,6 +44,7 @@ from smtpwarden.spool import (
     Spool,
     SpoolError,
 )
+from smtpwarden.spool.codec import reply_json
 from smtpwarden.spool.files import Layout
 from smtpwarden.spool.model import QUEUE_ID
 
@@ -321,7 +322,7 @@ def _entry_json(entry: Entry, now: float) -> dict[str, object]:
                 "address": r.address,
                 "line": _line_json(r.line),
                 "state": r.state.value,
-                "reply": _reply_json(r.reply),
+                "reply": reply_json(r.reply),
             }
             for r in entry.recipients
         ],
@@ -340,17 +341,6 @@ def _line_json(line: bytes) -> object:
         return line.decode("utf-8")
     except UnicodeDecodeError:
         return {"base64": base64.b64encode(line).decode("ascii")}
-
-
-def _reply_json(reply: ReplyInfo | None) -> dict[str, object] | None:
-    if reply is None:
-        return None
-    return {
-        "code": reply.code,
-        "enhanced": reply.enhanced,
-        "text": reply.text,
-        "local": reply.local,
-    }
 
 
 # C0 controls, DEL and C1 controls: shown escaped, so that text from clients

@@ -27,14 +27,10 @@ from pathlib import Path
 
 import orjson
 
+from smtpwarden.spool.files import write_all
+
 # The DATA terminator, once unstuffed, leaves its CRLF; it is not message.
 _CRLF = 2
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -42,7 +38,7 @@ def _write_durably(path: Path, data: bytes) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -123,7 +119,7 @@ class Draft:
             return
         self.size += len(chunk)
         try:
-            _write_all(self._fd, chunk)
+            write_all(self._fd, chunk)
         except OSError as error:
             self.error = error
             self.discard()

@@ -43,7 +43,8 @@ def _line_out(line: bytes) -> object:
         return {"base64": base64.b64encode(line).decode("ascii")}
 
 
-def _reply_out(reply: ReplyInfo | None) -> object:
+def reply_json(reply: ReplyInfo | None) -> dict[str, object] | None:
+    """A recipient's last reply as the envelope file (and ``queue --json``) shows it."""
     if reply is None:
         return None
     return {
@@ -69,7 +70,7 @@ def encode(entry: Entry) -> bytes:
         "route": entry.route,
         "mail_from": _line_out(entry.mail_from),
         "recipients": [
-            {"line": _line_out(r.line), "state": r.state.value, "reply": _reply_out(r.reply)}
+            {"line": _line_out(r.line), "state": r.state.value, "reply": reply_json(r.reply)}
             for r in entry.recipients
         ],
         "body": entry.body.value,
