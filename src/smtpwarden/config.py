@@ -10,10 +10,10 @@ duplicate names, references to unknown listeners or upstreams, and listeners
 matched by no route or by two. Each problem names its key path, what was
 expected and what was found, shown as it was written:
 `listeners[0].port: expected an integer 0-65535, got "abc"`. This module
-says what each setting must be, except the delivery sections (routes, retry,
-health, spool), which `smtpwarden.configroutes` defines and reads and this
-module re-exports; `smtpwarden.configcheck` holds the machinery that checks
-values and words the problems.
+says what each setting must be, except the delivery sections, which it
+re-exports: `smtpwarden.configroutes` defines and reads routes, and
+`smtpwarden.configdelivery` retry, health and spool. `smtpwarden.configcheck`
+holds the machinery that checks values and words the problems.
 
 Rule 1: this module never prints and never exits the process. It raises
 `ConfigError`; only `smtpwarden.cli.main` reports it and picks an exit code.
@@ -52,16 +52,17 @@ from smtpwarden.configcheck import (
     suggest,
     yaml_problem,
 )
-from smtpwarden.configroutes import LOST_OUTCOMES as LOST_OUTCOMES
+from smtpwarden.configdelivery import LOST_OUTCOMES as LOST_OUTCOMES
+from smtpwarden.configdelivery import BackoffConfig as BackoffConfig
+from smtpwarden.configdelivery import HealthConfig as HealthConfig
+from smtpwarden.configdelivery import LostOutcome as LostOutcome
+from smtpwarden.configdelivery import RetryConfig as RetryConfig
+from smtpwarden.configdelivery import SpoolConfig as SpoolConfig
+from smtpwarden.configdelivery import read_health, read_retry, read_spool
 from smtpwarden.configroutes import POLICIES as POLICIES
-from smtpwarden.configroutes import BackoffConfig as BackoffConfig
-from smtpwarden.configroutes import HealthConfig as HealthConfig
-from smtpwarden.configroutes import LostOutcome as LostOutcome
 from smtpwarden.configroutes import Policy as Policy
-from smtpwarden.configroutes import RetryConfig as RetryConfig
 from smtpwarden.configroutes import RouteConfig as RouteConfig
-from smtpwarden.configroutes import SpoolConfig as SpoolConfig
-from smtpwarden.configroutes import find_route, read_health, read_retry, read_routes, read_spool
+from smtpwarden.configroutes import find_route, read_routes
 
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 UpstreamKind = Literal["smtp", "sink"]
@@ -371,10 +372,12 @@ def parse_config(data: object, *, source: str) -> Config:
 
 
 def route_for(config: Config, listener: str) -> RouteConfig:
-    """Return the route for sessions accepted by the listener named `listener`.
+    """Return the listener route for sessions accepted by the listener named `listener`.
 
-    That is the route naming the listener, else the one route that leaves its
-    listeners empty; validation guarantees exactly one of them matches.
+    That is the listener route naming the listener, else the one listener
+    route that leaves its listeners empty; validation guarantees exactly one
+    of them matches. A route with `recipient_domains` is never returned: it
+    takes only some transactions of a session (see `find_route`).
     Raises KeyError if `config` has no listener of that name.
     """
     if not any(candidate.name == listener for candidate in config.listeners):

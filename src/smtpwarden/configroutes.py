@@ -1,11 +1,12 @@
-"""Delivery settings: routes, retry, upstream health and the spool.
+"""Route settings: which route each listener's sessions and transactions take.
 
 `smtpwarden.config` reads the whole file; this module defines and reads the
-sections that say how a message is delivered once a listener accepts it:
-which policy and which upstreams each listener's route uses (`routes`), how
-failed transactions are replayed (`retry`), when an upstream counts as down
-(`health`) and where requeued messages wait (`spool`). Problems are named by
-key path and collected by the same `Checker` as every other section.
+section that says where a message goes once a listener accepts it: which
+policy and which upstreams each listener's route uses, and which routes take
+the recipients of some domains instead (`routes`). What happens when a
+delivery fails (`retry`, `health`, `spool`) is `smtpwarden.configdelivery`'s
+part. Problems are named by key path and collected by the same `Checker` as
+every other section.
 
 Rule 1: like `smtpwarden.config`, it never prints, never exits and never
 raises `ConfigError`; it reports problems to the checker it is given.
@@ -18,129 +19,38 @@ cycle. It knows listeners and upstreams only by name.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from smtpwarden.configcheck import (
-    FOLDER,
-    NAME,
-    Checker,
-    Choice,
-    Flag,
-    Integer,
-    Number,
-    Seconds,
-    Text,
-    join_key,
-    show,
-    suggest,
-)
+from smtpwarden.configcheck import NAME, Checker, Choice, join_key, show, suggest
 
 Policy = Literal["passthrough", "retry", "requeue"]
-LostOutcome = Literal["retry", "defer"]
 
 POLICIES: Final[tuple[Policy, ...]] = ("passthrough", "retry", "requeue")
-LOST_OUTCOMES: Final[tuple[LostOutcome, ...]] = ("retry", "defer")
-
-# RFC 5321 4.5.3.2.6: the client waits at least 10 minutes for the reply to
-# the final dot. Every replay must end well before that, so the budget stays
-# below it; the operator picks how far below.
-CLIENT_DATA_END_S: Final = 600.0
-# A cap on the replays of one transaction; the budget usually ends them first.
-MAX_RETRY_ATTEMPTS: Final = 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
+    """A domain route if `recipient_domains` is not empty, else a listener route.
+
+    A listener route takes the sessions of its listeners; a domain route, on
+    its listeners, the transactions whose first recipient is in its domains.
+    """
+
     name: str  # unique; defaults to route0, route1, ... by position
-    listeners: tuple[str, ...]  # listener names; empty: every listener no other route names
+    # Listener names. Empty: for a listener route, every listener no other
+    # listener route names; for a domain route, every listener.
+    listeners: tuple[str, ...]
+    # Lowercase, without a trailing dot: "example.com" is that domain only,
+    # ".example.com" any of its subdomains (a Postfix transport map's rule).
+    recipient_domains: tuple[str, ...] = ()
     policy: Policy
     upstreams: tuple[str, ...]  # ordered preference, at least one, no repeats
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryConfig:
-    """How routes with policy retry or requeue replay a failed transaction."""
-
-    attempts: int = 3  # replays after the first failure, 1..MAX_RETRY_ATTEMPTS
-    # Seconds for all replays, 0 < budget < CLIENT_DATA_END_S; 120 leaves the
-    # client most of its 10 minutes, and room for the upstream's own reply.
-    budget: float = 120.0
-    # 1 MiB keeps a typical message in memory; a larger one is spilled to a
-    # temporary file so that held copies do not grow the process without bound.
-    hold_memory_bytes: int = 1048576
-    # No reply after the final dot: "retry" replays (at-least-once, the record
-    # flagged as a duplicate risk) or "defer" answers the client with a 4xx.
-    lost_outcome: LostOutcome = "retry"
-    phrases: tuple[str, ...] = ()  # contradictory-250 phrases added to the built-in list
-    take_over_partial: bool = False  # requeue: spool the recipients that got a 4xx
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HealthConfig:
-    """When an upstream is skipped. No RFC sets these; they are a circuit breaker's."""
-
-    # Consecutive failed connections or attempts that mark an upstream down:
-    # 3 so that one dropped connection does not take an upstream out.
-    failures: int = 3
-    # Seconds down before one session probes it again: short next to the
-    # retry budget, so that an upstream that recovers is tried again within one.
-    cooldown: float = 30.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BackoffConfig:
-    """Delays between deliveries of a spooled message, in seconds."""
-
-    initial: float = 300.0  # Postfix minimal_backoff_time
-    factor: float = 2.0  # each delay is the previous one times this
-    maximum: float = 4000.0  # Postfix maximal_backoff_time
-    jitter: float = 0.2  # each delay moves at random by up to this fraction of itself
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SpoolConfig:
-    path: str = "spool"  # folder; relative paths start from the working directory
-    # 5 days: Postfix maximal_queue_lifetime, and RFC 5321 4.5.4.1's "at
-    # least 4-5 days" before giving up. Older messages go to dead letters.
-    max_age: float = 432000.0
-    workers: int = 4  # concurrent deliveries from the spool
-    backoff: BackoffConfig
-
-
-# A blank phrase would match every reply and make every 250 a failure.
-_PHRASE: Final = Text("a phrase that is not blank", lambda text: text.strip() != "")
 _POLICY: Final = Choice(POLICIES)
-_LOST_OUTCOME: Final = Choice(LOST_OUTCOMES)
-_POSITIVE_SECONDS: Final = Seconds(allow_zero=False)
-_BUDGET: Final = Number(
-    f"seconds greater than 0 and less than {CLIENT_DATA_END_S:g}",
-    lambda seconds: 0 < seconds < CLIENT_DATA_END_S,
-)
-_FACTOR: Final = Number("a number >= 1", lambda factor: factor >= 1)
-_FRACTION: Final = Number("a fraction 0-1", lambda fraction: 0 <= fraction <= 1)
-
 _ROUTE_KEYS: Final = tuple(field.name for field in dataclasses.fields(RouteConfig))
-_RETRY_KEYS: Final = tuple(field.name for field in dataclasses.fields(RetryConfig))
-_HEALTH_KEYS: Final = tuple(field.name for field in dataclasses.fields(HealthConfig))
-_BACKOFF_KEYS: Final = tuple(field.name for field in dataclasses.fields(BackoffConfig))
-_SPOOL_KEYS: Final = tuple(field.name for field in dataclasses.fields(SpoolConfig))
-
-
-def _section(
-    check: Checker, parent: Mapping[str, object], key: str, path: str, keys: Collection[str]
-) -> dict[str, object]:
-    """Return the known keys of an optional section; absent or null means defaults."""
-    raw = parent.get(key)
-    return {} if raw is None else check.mapping(raw, join_key(path, key), keys)
-
-
-def _show_number(number: float) -> str:
-    return show(int(number)) if number.is_integer() else show(number)
-
-
-# --- Routes ------------------------------------------------------------------
 
 
 def _names(
@@ -185,41 +95,184 @@ def _names(
     return tuple(dict.fromkeys(name for _, name in names)), valid
 
 
-def _check_coverage(
-    check: Checker, routes: Sequence[RouteConfig], listener_names: Sequence[str]
-) -> None:
-    """Report listeners matched by two routes, and listeners matched by none."""
-    named: dict[str, int] = {}
-    rest: int | None = None
-    for i, route in enumerate(routes):
-        if not route.listeners:
+# RFC 1035 2.3.4 allows 255 octets on the wire: 253 characters written out.
+_MAX_DOMAIN_CHARS: Final = 253
+_DOMAIN_EXPECTED: Final = (
+    'a domain name, "example.com" (that domain) or ".example.com" (its subdomains)'
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """A route as read, with what the checks across routes need to know of it."""
+
+    index: int
+    route: RouteConfig
+    by_domain: bool  # recipient_domains is written, even if it could not be read
+    listeners_valid: bool
+    upstreams_valid: bool
+    domains: tuple[tuple[str, str], ...]  # (key path, entry), each entry once
+
+    @property
+    def label(self) -> str:
+        return f"route {show(self.route.name)} (routes[{self.index}])"
+
+
+def _domain_entry(raw: object) -> str | None:
+    """Return a recipient_domains entry lowercased without its trailing dot, else None.
+
+    Labels hold ASCII letters, digits, "-" and "_" as host names do ("*" or
+    ":" would never match), or any printable character beyond ASCII: SMTPUTF8
+    domains (RFC 6531) are written as they are.
+    """
+    if not isinstance(raw, str):
+        return None
+    entry = raw.lower().removesuffix(".")
+    name = entry.removeprefix(".")
+    if 0 < len(name) <= _MAX_DOMAIN_CHARS and all(
+        label and all(c.isalnum() or c in "-_" if c.isascii() else c.isprintable() for c in label)
+        for label in name.split(".")
+    ):
+        return entry
+    return None
+
+
+def _recipient_domains(
+    check: Checker, section: Mapping[str, object], path: str
+) -> tuple[tuple[str, str], ...]:
+    """Read recipient_domains: (key path, entry) for each valid entry, the first time only."""
+    key_path = join_key(path, "recipient_domains")
+    raw = section["recipient_domains"]
+    if not isinstance(raw, list) or not raw:
+        # Null or [] must not quietly make the route take every recipient.
+        check.report(
+            key_path,
+            "expected a list of at least one domain (omit the key for a route that takes "
+            f"every recipient), got {show(raw)}",
+        )
+        return ()
+    entries: list[tuple[str, str]] = []
+    for j, item in enumerate(raw):
+        item_path = f"{key_path}[{j}]"
+        entry = _domain_entry(item)
+        if entry is not None:
+            entries.append((item_path, entry))
+            continue
+        wildcard = isinstance(item, str) and item.startswith("*.")
+        hint = f" (write {show(item[1:])} for its subdomains)" if wildcard else ""
+        check.report(item_path, f"expected {_DOMAIN_EXPECTED}, got {show(item)}{hint}")
+    check.unique("domain", entries)
+    first: dict[str, str] = {}
+    for item_path, entry in entries:
+        first.setdefault(entry, item_path)
+    return tuple((item_path, entry) for entry, item_path in first.items())
+
+
+def _applies(route: RouteConfig, listener: str) -> bool:
+    return not route.listeners or listener in route.listeners
+
+
+def _check_coverage(check: Checker, reads: Sequence[_Read], listener_names: Sequence[str]) -> None:
+    """Report listeners matched by two listener routes, and listeners matched by none.
+
+    Domain routes do not count: they take only some transactions of a session.
+    """
+    named: dict[str, _Read] = {}
+    rest: _Read | None = None
+    for read in reads:
+        if read.by_domain:
+            continue
+        if not read.route.listeners:
             if rest is None:
-                rest = i
+                rest = read
             else:
-                first = f"route {show(routes[rest].name)} (routes[{rest}])"
                 check.report(
-                    f"routes[{i}]", f"only one route may leave listeners empty; {first} does"
+                    f"routes[{read.index}]",
+                    "only one route without recipient_domains may leave listeners empty; "
+                    f"{rest.label} does",
                 )
             continue
-        for j, listener in enumerate(route.listeners):
+        for j, listener in enumerate(read.route.listeners):
             if listener in named:
-                k = named[listener]
                 check.report(
-                    f"routes[{i}].listeners[{j}]",
-                    f"listener {show(listener)} already matched by route "
-                    f"{show(routes[k].name)} (routes[{k}])",
+                    f"routes[{read.index}].listeners[{j}]",
+                    f"listener {show(listener)} already matched by {named[listener].label}",
                 )
             else:
-                named[listener] = i
+                named[listener] = read
     if rest is not None:
         return
     for listener in dict.fromkeys(listener_names):
         if listener not in named:
+            domain_route = next(
+                (read for read in reads if read.by_domain and _applies(read.route, listener)),
+                None,
+            )
+            hint = "" if domain_route is None else f"; {domain_route.label} has recipient_domains"
             check.report(
                 "routes",
                 f"no route matches listener {show(listener)} (name it in a route's "
-                "listeners, or add a route that leaves listeners empty)",
+                f"listeners, or add a route that leaves listeners empty{hint})",
             )
+
+
+def _shared_listener(first: RouteConfig, second: RouteConfig) -> str | None:
+    """Name a listener that both domain routes apply on, or None if there is none."""
+    if not first.listeners and not second.listeners:
+        return "every listener"
+    for listener in second.listeners or first.listeners:
+        if _applies(first, listener):
+            return f"listener {show(listener)}"
+    return None
+
+
+def _check_domain_overlap(check: Checker, reads: Sequence[_Read]) -> None:
+    """Report an entry two domain routes list on one listener: their order would decide."""
+    earlier: list[_Read] = []
+    for read in reads:
+        if not read.by_domain or not read.listeners_valid:
+            continue
+        for path, entry in read.domains:
+            for other in earlier:
+                shared = _shared_listener(other.route, read.route)
+                if shared is not None and entry in other.route.recipient_domains:
+                    check.report(
+                        path,
+                        f"domain {show(entry)} is also listed by {other.label}, "
+                        f"and both apply to {shared}",
+                    )
+                    break
+        earlier.append(read)
+
+
+def _check_first_upstreams(
+    check: Checker, reads: Sequence[_Read], listener_names: Sequence[str]
+) -> None:
+    """Report a domain route that does not start at its listeners' routes' first upstream.
+
+    A session is connected along its listener route before any recipient is
+    known: a domain route takes over that connection, it cannot choose another.
+    """
+    by_route = {id(read.route): read for read in reads if not read.by_domain}
+    listener_routes = [read.route for read in by_route.values()]
+    for read in reads:
+        if not read.by_domain or not read.upstreams_valid:
+            continue
+        first = read.route.upstreams[0]
+        seen: set[int] = set()
+        for listener in read.route.listeners or dict.fromkeys(listener_names):
+            found = find_route(listener_routes, listener)
+            base = None if found is None else by_route[id(found)]
+            if base is None or base.index in seen or not base.upstreams_valid:
+                continue
+            seen.add(base.index)
+            if base.route.upstreams[0] != first:
+                check.report(
+                    f"routes[{read.index}].upstreams[0]",
+                    f"expected {show(base.route.upstreams[0])}, the first upstream of "
+                    f"{base.label} that listener {show(listener)} uses (a session is "
+                    f"connected before its recipients are known), got {show(first)}",
+                )
 
 
 def read_routes(
@@ -242,7 +295,7 @@ def read_routes(
         return ()
     if not raw:  # an empty list is the same as no routes
         return ()
-    routes: list[RouteConfig] = []
+    reads: list[_Read] = []
     names: list[tuple[str, str]] = []
     coverage_known = listener_names is not None
     for i, item in enumerate(raw):
@@ -258,21 +311,40 @@ def read_routes(
             check, section, "listeners", path, "listener", listener_names
         )
         coverage_known = coverage_known and listeners_valid
+        by_domain = "recipient_domains" in section
+        domains = _recipient_domains(check, section, path) if by_domain else ()
         policy: Policy = check.value(section, "policy", path, _POLICY, "passthrough")
-        upstreams, _ = _names(check, section, "upstreams", path, "upstream", upstream_names)
-        routes.append(
-            RouteConfig(name=name, listeners=listeners, policy=policy, upstreams=upstreams)
+        upstreams, upstreams_valid = _names(
+            check, section, "upstreams", path, "upstream", upstream_names
         )
+        route = RouteConfig(
+            name=name,
+            listeners=listeners,
+            recipient_domains=tuple(entry for _, entry in domains),
+            policy=policy,
+            upstreams=upstreams,
+        )
+        reads.append(_Read(i, route, by_domain, listeners_valid, upstreams_valid, domains))
     check.unique("route name", names)
+    _check_domain_overlap(check, reads)
     if coverage_known and listener_names is not None:
-        _check_coverage(check, routes, listener_names)
-    return tuple(routes)
+        before = len(check.found)
+        _check_coverage(check, reads, listener_names)
+        if len(check.found) == before:  # else which route a listener uses is unclear
+            _check_first_upstreams(check, reads, listener_names)
+    return tuple(read.route for read in reads)
 
 
 def find_route(routes: Sequence[RouteConfig], listener: str) -> RouteConfig | None:
-    """Return the route that names `listener`, else the one naming no listener, else None."""
+    """Return the listener route that names `listener`, else the one naming no listener.
+
+    None if neither exists. Domain routes are skipped: they take only some
+    transactions of a session (see `domain_routes`).
+    """
     rest: RouteConfig | None = None
     for route in routes:
+        if route.recipient_domains:
+            continue
         if listener in route.listeners:
             return route
         if not route.listeners and rest is None:
@@ -280,92 +352,6 @@ def find_route(routes: Sequence[RouteConfig], listener: str) -> RouteConfig | No
     return rest
 
 
-# --- Retry, health and spool ----------------------------------------------------
-
-
-def _phrases(check: Checker, section: Mapping[str, object], path: str) -> tuple[str, ...]:
-    key_path = join_key(path, "phrases")
-    raw = section.get("phrases")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        check.report(key_path, f"expected a list of phrases, got {show(raw)}")
-        return ()
-    phrases: list[str] = []
-    for j, item in enumerate(raw):
-        phrase = _PHRASE.convert(item)
-        if phrase is None:
-            check.invalid(f"{key_path}[{j}]", _PHRASE, item)
-        else:
-            phrases.append(phrase)
-    return tuple(phrases)
-
-
-def read_retry(check: Checker, top: Mapping[str, object]) -> RetryConfig:
-    default = RetryConfig()
-    section = _section(check, top, "retry", "", _RETRY_KEYS)
-    return RetryConfig(
-        attempts=check.value(
-            section, "attempts", "retry", Integer(1, MAX_RETRY_ATTEMPTS), default.attempts
-        ),
-        budget=check.value(section, "budget", "retry", _BUDGET, default.budget),
-        hold_memory_bytes=check.value(
-            section, "hold_memory_bytes", "retry", Integer(0), default.hold_memory_bytes
-        ),
-        lost_outcome=check.value(
-            section, "lost_outcome", "retry", _LOST_OUTCOME, default.lost_outcome
-        ),
-        phrases=_phrases(check, section, "retry"),
-        take_over_partial=check.value(
-            section, "take_over_partial", "retry", Flag(), default.take_over_partial
-        ),
-    )
-
-
-def read_health(check: Checker, top: Mapping[str, object]) -> HealthConfig:
-    default = HealthConfig()
-    section = _section(check, top, "health", "", _HEALTH_KEYS)
-    return HealthConfig(
-        failures=check.value(section, "failures", "health", Integer(1), default.failures),
-        cooldown=check.value(section, "cooldown", "health", _POSITIVE_SECONDS, default.cooldown),
-    )
-
-
-def _backoff(check: Checker, spool: Mapping[str, object]) -> BackoffConfig:
-    default = BackoffConfig()
-    path = "spool.backoff"
-    section = _section(check, spool, "backoff", "spool", _BACKOFF_KEYS)
-    before = len(check.found)
-    initial = check.value(section, "initial", path, _POSITIVE_SECONDS, default.initial)
-    maximum = check.value(section, "maximum", path, _POSITIVE_SECONDS, default.maximum)
-    if len(check.found) == before and maximum < initial:
-        # Report it at the key that was written; at maximum if both were.
-        if "maximum" in section:
-            bound = f"initial ({_show_number(initial)})"
-            check.report(
-                join_key(path, "maximum"),
-                f"expected a number of seconds >= {bound}, got {show(section['maximum'])}",
-            )
-        else:
-            bound = f"maximum ({_show_number(maximum)})"
-            check.report(
-                join_key(path, "initial"),
-                f"expected a number of seconds <= {bound}, got {show(section['initial'])}",
-            )
-    return BackoffConfig(
-        initial=initial,
-        factor=check.value(section, "factor", path, _FACTOR, default.factor),
-        maximum=maximum,
-        jitter=check.value(section, "jitter", path, _FRACTION, default.jitter),
-    )
-
-
-def read_spool(check: Checker, top: Mapping[str, object]) -> SpoolConfig:
-    default = SpoolConfig(backoff=BackoffConfig())
-    section = _section(check, top, "spool", "", _SPOOL_KEYS)
-    return SpoolConfig(
-        path=check.value(section, "path", "spool", FOLDER, default.path),
-        max_age=check.value(section, "max_age", "spool", _POSITIVE_SECONDS, default.max_age),
-        workers=check.value(section, "workers", "spool", Integer(1), default.workers),
-        backoff=_backoff(check, section),
-    )
+def domain_routes(routes: Sequence[RouteConfig], listener: str) -> tuple[RouteConfig, ...]:
+    """Return the domain routes that apply on `listener`, in file order."""
+    return tuple(route for route in routes if route.recipient_domains and _applies(route, listener))

@@ -35,6 +35,7 @@ from smtpwarden.config import (
     route_for,
     simple_config,
 )
+from smtpwarden.configroutes import domain_routes, find_route
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -621,7 +622,13 @@ ROUTE_CASES = [
     (
         "unknown-key-listed",
         [route(domains=["example.com"])],
-        "routes[0].domains: unknown key (known keys: name, listeners, policy, upstreams)",
+        "routes[0].domains: unknown key "
+        "(known keys: name, listeners, recipient_domains, policy, upstreams)",
+    ),
+    (
+        "unknown-key-suggestion",
+        [route(recipient_domain=["example.com"])],
+        'routes[0].recipient_domain: unknown key (did you mean "recipient_domains"?)',
     ),
     ("name-type", [route(name=5)], f"routes[0].name: {NAME_EXPECTED}, got 5"),
     ("name-value", [route(name="a b")], f'routes[0].name: {NAME_EXPECTED}, got "a b"'),
@@ -1043,7 +1050,7 @@ def test_route_for_config_built_without_routes() -> None:
         pytest.param(
             [{"upstreams": ["mta1"]}, {"name": "other", "upstreams": ["mta2"]}],
             [
-                "routes[1]: only one route may leave listeners empty; "
+                "routes[1]: only one route without recipient_domains may leave listeners empty; "
                 'route "route0" (routes[0]) does'
             ],
             id="two-rest-routes",
@@ -1055,7 +1062,7 @@ def test_route_for_config_built_without_routes() -> None:
                 {"listeners": [], "upstreams": ["mta2"]},
             ],
             [
-                "routes[2]: only one route may leave listeners empty; "
+                "routes[2]: only one route without recipient_domains may leave listeners empty; "
                 'route "route1" (routes[1]) does'
             ],
             id="two-rest-routes-matching-nothing",
@@ -1094,6 +1101,356 @@ def test_broken_listener_does_not_flag_route_references() -> None:
         }
     )
     assert found == (f"listeners[1].name: {NAME_EXPECTED}, got 5",)
+
+
+# --- Routes: recipient domains ---------------------------------------------------
+
+DOMAIN_EXPECTED = (
+    'expected a domain name, "example.com" (that domain) or ".example.com" (its subdomains)'
+)
+DOMAINS_EXPECTED = (
+    "expected a list of at least one domain (omit the key for a route that takes every recipient)"
+)
+SESSION_CONNECTED = "(a session is connected before its recipients are known)"
+
+
+def domain_route(*domains: object, **keys: object) -> dict[str, object]:
+    """A domain route on every listener, starting at mta1 like MAIN_ROUTE."""
+    return {"recipient_domains": list(domains), "upstreams": ["mta1"], **keys}
+
+
+MAIN_ROUTE = {"name": "main", "upstreams": ["mta1"]}
+
+
+def test_domain_route_values_are_kept() -> None:
+    config = parse(
+        routed(
+            [
+                MAIN_ROUTE,
+                domain_route(
+                    "Example.COM.",
+                    ".Sub.Example.com",
+                    "Bücher.example",
+                    name="d",
+                    listeners=["a"],
+                    policy="requeue",
+                    upstreams=["mta1", "mta2"],
+                ),
+            ]
+        )
+    )
+    assert config.routes == (
+        RouteConfig(name="main", listeners=(), policy="passthrough", upstreams=("mta1",)),
+        RouteConfig(
+            name="d",
+            listeners=("a",),
+            recipient_domains=("example.com", ".sub.example.com", "bücher.example"),
+            policy="requeue",
+            upstreams=("mta1", "mta2"),
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "x",
+        "xn--bcher-kva.example",
+        "_dmarc.example.com",
+        "192.0.2.1",
+        "a-b.c_d.example",
+        "例え.テスト",
+        "a." * 126 + "b",  # 253 characters
+        ".a" * 126 + "b.",  # a leading dot and 252 characters, and a trailing dot
+    ],
+)
+def test_domain_entry_accepted(entry: str) -> None:
+    config = parse(routed([MAIN_ROUTE, domain_route(entry)]))
+    assert config.routes[1].recipient_domains == (entry.lower().removesuffix("."),)
+
+
+@pytest.mark.parametrize(
+    ("entry", "shown"),
+    [
+        pytest.param("", '""', id="empty"),
+        pytest.param(".", '"."', id="dot"),
+        pytest.param("..", '".."', id="two-dots"),
+        pytest.param("..example.com", '"..example.com"', id="two-leading-dots"),
+        pytest.param("example..com", '"example..com"', id="empty-label"),
+        pytest.param("example.com..", '"example.com.."', id="two-trailing-dots"),
+        pytest.param(" example.com", '" example.com"', id="space"),
+        pytest.param("example.com\n", '"example.com\\n"', id="newline"),
+        pytest.param("exa\u3000mple.com", '"exa\u3000mple.com"', id="wide-space"),
+        pytest.param("exa\u200bmple.com", '"exa\u200bmple.com"', id="zero-width-space"),
+        pytest.param("user@example.com", '"user@example.com"', id="at"),
+        pytest.param("@example.com", '"@example.com"', id="leading-at"),
+        pytest.param("[192.0.2.1]", '"[192.0.2.1]"', id="address-literal"),
+        pytest.param("example.com:25", '"example.com:25"', id="port"),
+        pytest.param("a." * 126 + "bc", f'"{("a." * 126)[:57]}..."', id="254-characters"),
+        pytest.param(5, "5", id="integer"),
+        pytest.param(None, "null", id="null"),
+        pytest.param(["example.com"], "a list", id="list"),
+        pytest.param(
+            "*.example.com",
+            '"*.example.com" (write ".example.com" for its subdomains)',
+            id="wildcard",
+        ),
+    ],
+)
+def test_domain_entry_problem(entry: object, shown: str) -> None:
+    found = problems(routed([MAIN_ROUTE, domain_route("ok.example", entry)]))
+    assert found == (f"routes[1].recipient_domains[1]: {DOMAIN_EXPECTED}, got {shown}",)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        pytest.param([], "an empty list", id="empty-list"),
+        pytest.param(None, "null", id="null"),
+        pytest.param("example.com", '"example.com"', id="string"),
+        pytest.param({"example.com": None}, "a mapping", id="mapping"),
+    ],
+)
+def test_recipient_domains_not_a_list(value: object, shown: str) -> None:
+    # Still a domain route: it does not take the listeners from "main" too.
+    broken = {"recipient_domains": value, "upstreams": ["mta1"]}
+    found = problems(routed([MAIN_ROUTE, broken]))
+    assert found == (f"routes[1].recipient_domains: {DOMAINS_EXPECTED}, got {shown}",)
+
+
+def test_recipient_domains_duplicate_in_one_route() -> None:
+    routes = [MAIN_ROUTE, domain_route("example.com", ".example.com", "EXAMPLE.com.")]
+    assert problems(routed(routes)) == (
+        'routes[1].recipient_domains[2]: duplicate domain "example.com" '
+        "(first used by routes[1].recipient_domains[0])",
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        pytest.param(["a", "b"], ["c", "b"], 'listener "b"', id="named"),
+        pytest.param(None, ["c", "b"], 'listener "c"', id="every-then-named"),
+        pytest.param(["b"], [], 'listener "b"', id="named-then-every"),
+        pytest.param(None, None, "every listener", id="every"),
+    ],
+)
+def test_recipient_domain_in_two_routes_on_one_listener(
+    first: list[str] | None, second: list[str] | None, shared: str
+) -> None:
+    routes = [
+        MAIN_ROUTE,
+        domain_route(".example.com", "example.com", name="one", listeners=first),
+        domain_route("other.example", "Example.com", name="two", listeners=second),
+    ]
+    assert problems(routed(routes)) == (
+        'routes[2].recipient_domains[1]: domain "example.com" is also listed by route "one" '
+        f"(routes[1]), and both apply to {shared}",
+    )
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        pytest.param(
+            [
+                domain_route("example.com", listeners=["a"]),
+                domain_route("example.com", listeners=["b", "c"]),
+            ],
+            id="disjoint-listeners",
+        ),
+        pytest.param(
+            [domain_route("example.com"), domain_route(".example.com", "sub.example.com")],
+            id="domain-and-subdomains",
+        ),
+    ],
+)
+def test_recipient_domains_that_do_not_overlap(routes: list[object]) -> None:
+    config = parse(routed([MAIN_ROUTE, *routes]))
+    assert len(config.routes) == 3
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        pytest.param(
+            [
+                {"name": "in", "listeners": ["a", "b"], "upstreams": ["mta1"]},
+                {"name": "other", "upstreams": ["mta2"]},
+                domain_route("example.com", name="d", upstreams=["mta2", "mta1"]),
+            ],
+            [
+                'routes[2].upstreams[0]: expected "mta1", the first upstream of route "in" '
+                f'(routes[0]) that listener "a" uses {SESSION_CONNECTED}, got "mta2"'
+            ],
+            id="every-listener",
+        ),
+        pytest.param(
+            [
+                {"listeners": ["a"], "upstreams": ["mta1", "mta2"]},
+                {"upstreams": ["mta2", "mta1"]},
+                domain_route("example.com", listeners=["c", "a"], upstreams=["mta1"]),
+            ],
+            [
+                'routes[2].upstreams[0]: expected "mta2", the first upstream of route '
+                f'"route1" (routes[1]) that listener "c" uses {SESSION_CONNECTED}, got "mta1"'
+            ],
+            id="named-listeners",
+        ),
+        pytest.param(
+            [
+                {"name": "one", "listeners": ["a"], "upstreams": ["mta1"]},
+                {"name": "two", "upstreams": ["mta2"]},
+                domain_route("example.com", upstreams=["mta3"]),
+            ],
+            ['routes[2].upstreams[0]: no upstream named "mta3" (did you mean "mta2"?)'],
+            id="unknown-upstream-reported-once",
+        ),
+        pytest.param(
+            [
+                {"listeners": ["a"], "upstreams": ["mta1"]},
+                domain_route("example.com", listeners=["b"], upstreams=["mta2"]),
+            ],
+            [
+                no_route("b")[:-1] + '; route "route1" (routes[1]) has recipient_domains)',
+                no_route("c"),
+            ],
+            id="only-coverage-when-a-listener-has-no-route",
+        ),
+    ],
+)
+def test_domain_route_first_upstream(routes: object, expected: list[str]) -> None:
+    assert problems(routed(routes)) == tuple(expected)
+
+
+def test_domain_route_first_upstream_matches() -> None:
+    routes = [
+        {"listeners": ["a"], "upstreams": ["mta1"]},
+        {"upstreams": ["mta2"]},
+        domain_route("one.example", listeners=["a"], upstreams=["mta1", "mta2"]),
+        domain_route("two.example", listeners=["b", "c"], upstreams=["mta2"]),
+    ]
+    assert len(parse(routed(routes)).routes) == 4
+
+
+def test_broken_listener_does_not_flag_domain_route_upstream() -> None:
+    found = problems(
+        {
+            "listeners": [{"name": "a", "port": 25}, {"name": 5, "port": 26}],
+            "upstreams": TWO_UPSTREAMS,
+            "routes": [MAIN_ROUTE, domain_route("example.com", upstreams=["mta2"])],
+        }
+    )
+    assert found == (f"listeners[1].name: {NAME_EXPECTED}, got 5",)
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        pytest.param(
+            [domain_route("example.com")],
+            [
+                no_route(name)[:-1] + '; route "route0" (routes[0]) has recipient_domains)'
+                for name in "abc"
+            ],
+            id="only-a-domain-route",
+        ),
+        pytest.param(
+            [{"listeners": ["a", "b"], "upstreams": ["mta1"]}, domain_route("x.example")],
+            [no_route("c")[:-1] + '; route "route1" (routes[1]) has recipient_domains)'],
+            id="domain-route-does-not-take-the-rest",
+        ),
+        pytest.param(
+            [
+                {"listeners": ["a", "b", "c"], "upstreams": ["mta1"]},
+                {"recipient_domains": 5, "listeners": ["a"], "upstreams": ["mta1"]},
+            ],
+            [f"routes[1].recipient_domains: {DOMAINS_EXPECTED}, got 5"],
+            id="broken-domain-route-is-still-one",
+        ),
+    ],
+)
+def test_domain_routes_do_not_cover_listeners(routes: object, expected: list[str]) -> None:
+    assert problems(routed(routes)) == tuple(expected)
+
+
+def test_several_domain_routes_may_leave_listeners_empty() -> None:
+    routes = [MAIN_ROUTE, domain_route("one.example"), domain_route("two.example")]
+    config = parse(routed(routes))
+    assert [route.name for route in domain_routes(config.routes, "b")] == ["route1", "route2"]
+
+
+def test_domain_route_problems_reported_at_once_in_document_order() -> None:
+    data = yaml.safe_load(
+        """
+        listeners: [{name: a, port: 25}, {name: b, port: 26}]
+        upstreams: [{name: mx1, host: mx1.test, port: 25}, {name: mx2, host: mx2.test, port: 25}]
+        routes:
+          - {name: main, upstreams: [mx1]}
+          - name: one
+            listeners: [a]
+            recipient_domains: [example.com, "*.example.com", Example.com]
+            upstreams: [mx1]
+          - name: two
+            recipient_domains: [example.org, example.com]
+            policy: requeue
+            upstreams: [mx2]
+        retry: {attempts: 0}
+        """
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, source="relay.yaml")
+    assert caught.value.problems == (
+        f'routes[1].recipient_domains[1]: {DOMAIN_EXPECTED}, got "*.example.com" '
+        '(write ".example.com" for its subdomains)',
+        'routes[1].recipient_domains[2]: duplicate domain "example.com" '
+        "(first used by routes[1].recipient_domains[0])",
+        'routes[2].recipient_domains[1]: domain "example.com" is also listed by route "one" '
+        '(routes[1]), and both apply to listener "a"',
+        'routes[2].upstreams[0]: expected "mx1", the first upstream of route "main" '
+        f'(routes[0]) that listener "a" uses {SESSION_CONNECTED}, got "mx2"',
+        "retry.attempts: expected an integer 1-20, got 0",
+    )
+
+
+def test_route_lookups_tell_domain_routes_apart() -> None:
+    config = parse(
+        routed(
+            [
+                domain_route("one.example", name="d1", listeners=["a"]),
+                {"name": "main", "upstreams": ["mta1"]},
+                domain_route("two.example", name="d2"),
+                {"name": "for-b", "listeners": ["b"], "upstreams": ["mta1"]},
+                domain_route("three.example", name="d3", listeners=["b", "a"]),
+            ]
+        )
+    )
+    assert {name: route_for(config, name).name for name in "abc"} == {
+        "a": "main",
+        "b": "for-b",
+        "c": "main",
+    }
+    assert find_route(config.routes, "b") is config.routes[3]
+
+    def names(listener: str) -> list[str]:
+        return [route.name for route in domain_routes(config.routes, listener)]
+
+    assert (names("a"), names("b"), names("c")) == (["d1", "d2", "d3"], ["d2", "d3"], ["d2"])
+    assert domain_routes(config.routes, "unknown") == (config.routes[2],)
+
+
+def test_find_route_without_a_listener_route() -> None:
+    routes = (
+        RouteConfig(
+            name="d",
+            listeners=(),
+            recipient_domains=("example.com",),
+            policy="passthrough",
+            upstreams=("mta",),
+        ),
+    )
+    assert find_route(routes, "a") is None
+    assert domain_routes(routes, "a") == routes
 
 
 # --- ConfigError ---------------------------------------------------------------
@@ -1267,8 +1624,9 @@ def test_full_example_shows_every_key_with_its_default() -> None:
     assert set(data["listeners"][0]) == listener_keys
     upstream_keys = {field.name for field in dataclasses.fields(UpstreamConfig)}
     assert set(data["upstreams"][0]) | set(data["upstreams"][1]) == upstream_keys
+    # recipient_domains is shown in the commented domain route (see below).
     route_keys = {field.name for field in dataclasses.fields(RouteConfig)}
-    assert set(data["routes"][0]) == route_keys
+    assert set(data["routes"][0]) == route_keys - {"recipient_domains"}
     for section, keys in [
         (data["retry"], RetryConfig),
         (data["health"], HealthConfig),
@@ -1338,8 +1696,46 @@ def test_full_example_documents_every_key() -> None:
         ("spool.backoff", BackoffConfig),
     ]:
         for field in dataclasses.fields(keys):
-            if field.name != "backoff":
+            if field.name not in ("backoff", "recipient_domains"):
                 assert f"{section}.{field.name}" in documented
+
+
+def commented_route(text: str) -> tuple[str, str]:
+    """Return the comment above the full example's commented route, and the route uncommented."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  # - "))
+    end = start
+    while end < len(lines) and lines[end].startswith(("  # - ", "  #   ")):
+        end += 1
+    first = start
+    while lines[first - 1].startswith("  # "):
+        first -= 1
+    comment = " ".join(line.removeprefix("  # ") for line in lines[first:start])
+    route = "\n".join(line.removeprefix("  # ") for line in lines[start:end])
+    return comment, route
+
+
+def test_full_example_domain_route_is_documented_and_valid() -> None:
+    text = (CONFIGS / "smtpwarden.yaml").read_text(encoding="utf-8")
+    comment, route_text = commented_route(text)
+    assert "recipient_domains" in comment
+    assert "Default:" in comment
+    assert "452 4.5.3" in comment
+    example = yaml.safe_load(route_text)
+    assert set(example[0]) == {field.name for field in dataclasses.fields(RouteConfig)}
+    data = yaml.safe_load(text)
+    data["routes"].extend(example)
+    config = parse_config(data, source="smtpwarden.yaml")
+    assert config.routes[-1] == RouteConfig(
+        name="partners",
+        listeners=("submission",),
+        recipient_domains=("partner.example", ".partner.example"),
+        policy="requeue",
+        upstreams=("mta",),
+    )
+    assert route_for(config, "submission").name == "outbound"
+    assert domain_routes(config.routes, "submission") == (config.routes[-1],)
+    assert domain_routes(config.routes, "capture") == ()
 
 
 # --- Command-line shorthand --------------------------------------------------------

@@ -58,6 +58,8 @@ def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
 ALLOWED = {
     "config": {"smtpwarden.configcheck"},
     "configcheck": set(),
+    "configdelivery": {"smtpwarden.configcheck"},
+    "configroutes": {"smtpwarden.configcheck"},
     "observe": {"smtpwarden.protocol"},
     "spool": {"smtpwarden.protocol"},
 }
