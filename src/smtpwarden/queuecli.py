@@ -173,7 +173,7 @@ def _list(spool: Spool, args: argparse.Namespace, now: float) -> Outcome:
     if not entries:
         return Outcome(text=f"no {state.value} entries" if state else "the spool is empty")
     rows: list[tuple[str, ...]] = [
-        ("ID", "STATE", "AGE", "TRIES", "SIZE", "SENDER", "RCPTS", "NEXT", "LAST ERROR")
+        ("ID", "STATE", "AGE", "TRIES", "SIZE", "SENDER", "RCPTS", "NEXT", "DUP", "LAST ERROR")
     ]
     rows.extend(_row(entry, now) for entry in entries)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -194,6 +194,7 @@ def _row(entry: Entry, now: float) -> tuple[str, ...]:
         _shorten(_sender(entry), SENDER_COLUMN_CHARS),
         f"{len(entry.pending)}/{len(entry.recipients)}",
         _next(entry, now),
+        _yes_no(entry.duplicate_risk),
         _shorten(entry.last_error or "", ERROR_COLUMN_CHARS),
     )
 
@@ -214,15 +215,16 @@ def _show(spool: Spool, args: argparse.Namespace, now: float) -> Outcome:
 def _describe(entry: Entry, now: float) -> str:
     created = f"{_clock_time(entry.created)} ({_duration(now - entry.created)} ago)"
     lines = [
-        f"id:            {entry.queue_id}",
-        f"state:         {entry.state.value}",
-        f"created:       {created}",
-        f"attempts:      {entry.attempts}",
-        f"next attempt:  {_clock_time(entry.next_attempt)} ({_next(entry, now)})",
-        f"last error:    {_printable(entry.last_error or '-')}",
-        f"sender:        {_printable(_sender(entry))}",
-        f"mail from:     {_line_text(entry.mail_from)}",
-        f"recipients:    {len(entry.pending)} of {len(entry.recipients)} pending",
+        f"id:             {entry.queue_id}",
+        f"state:          {entry.state.value}",
+        f"created:        {created}",
+        f"attempts:       {entry.attempts}",
+        f"next attempt:   {_clock_time(entry.next_attempt)} ({_next(entry, now)})",
+        f"last error:     {_printable(entry.last_error or '-')}",
+        f"duplicate risk: {_yes_no(entry.duplicate_risk)}",
+        f"sender:         {_printable(_sender(entry))}",
+        f"mail from:      {_line_text(entry.mail_from)}",
+        f"recipients:     {len(entry.pending)} of {len(entry.recipients)} pending",
     ]
     for recipient in entry.recipients:
         reply = _reply_text(recipient.reply) if recipient.reply else "no reply yet"
@@ -230,11 +232,11 @@ def _describe(entry: Entry, now: float) -> str:
         lines.append(f"             {_line_text(recipient.line)}")
         lines.append(f"             last reply: {reply}")
     lines += [
-        f"body:          {entry.body.value}, {entry.size} octets stored",
-        f"sha256:        {entry.sha256}",
-        f"transaction:   {_printable(entry.transaction_id)}",
-        f"dedupe key:    {_printable(entry.dedupe_key)}",
-        f"route:         {_printable(entry.route or '-')}",
+        f"body:           {entry.body.value}, {entry.size} octets stored",
+        f"sha256:         {entry.sha256}",
+        f"transaction:    {_printable(entry.transaction_id)}",
+        f"dedupe key:     {_printable(entry.dedupe_key)}",
+        f"route:          {_printable(entry.route or '-')}",
     ]
     return "\n".join(lines)
 
@@ -313,6 +315,7 @@ def _entry_json(entry: Entry, now: float) -> dict[str, object]:
         "attempts": entry.attempts,
         "next_attempt": _iso(entry.next_attempt),
         "last_error": entry.last_error,
+        "duplicate_risk": entry.duplicate_risk,
         "sender": entry.sender,
         "mail_from": _line_json(entry.mail_from),
         "pending": len(entry.pending),
@@ -360,6 +363,10 @@ def _reply_text(reply: ReplyInfo) -> str:
     parts = [str(reply.code), reply.enhanced or "", reply.text]
     text = _printable(" ".join(part for part in parts if part))
     return f"{text} (from smtpwarden)" if reply.local else text
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
 
 
 def _sender(entry: Entry) -> str:

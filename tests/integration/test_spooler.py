@@ -25,7 +25,7 @@ import pytest
 from integration.recording_upstreams import AiosmtpdUpstream, RawUpstream
 from smtpwarden.config import Config, parse_config
 from smtpwarden.net.loop import LoopChoice, loop_factory
-from smtpwarden.net.spooler import DUPLICATE_RISK, QueueRunner
+from smtpwarden.net.spooler import QueueRunner
 from smtpwarden.net.upstream import Target
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.spool import (
@@ -143,6 +143,7 @@ def put(
     message: bytes = MESSAGE,
     body: BodyKind = BodyKind.DATA,
     route: str = "main",
+    duplicate_risk: bool = False,
 ) -> str:
     section = stuff(message) if body is BodyKind.DATA else message
     envelope = Envelope(
@@ -152,6 +153,7 @@ def put(
         transaction_id="tx-" + str(len(list(spool.entries()))),
         dedupe_key="dedupe",
         route=route,
+        duplicate_risk=duplicate_risk,
     )
     return spool.put_sync(envelope, [section[:9], section[9:]])
 
@@ -499,7 +501,8 @@ def test_contradictory_250_is_not_a_delivery(
     assert entry.state is EntryState.DEFERRED
     assert [r.state for r in entry.recipients] == [RecipientState.PENDING] * 2
     assert entry.last_error is not None
-    assert entry.last_error.startswith(DUPLICATE_RISK + "up: 250 Mail transaction failed")
+    assert entry.last_error.startswith("up: 250 Mail transaction failed")
+    assert entry.duplicate_risk is True
     assert records.items == []
 
 
@@ -517,7 +520,8 @@ def test_lost_outcome_defers_and_the_final_record_flags_the_duplicate_risk(
         assert entry.state is EntryState.DEFERRED
         assert entry.attempts == 1
         assert [r.state for r in entry.recipients] == [RecipientState.PENDING] * 2
-        assert entry.last_error == DUPLICATE_RISK + "up: timeout waiting for reply to end of data"
+        assert entry.last_error == "up: timeout waiting for reply to end of data"
+        assert entry.duplicate_risk is True
         assert queue.lost_outcomes == 1
         assert records.items == []
 
@@ -532,6 +536,31 @@ def test_lost_outcome_defers_and_the_final_record_flags_the_duplicate_risk(
     (record,) = records.items
     assert record["outcome"] == "delivered"
     assert record["attempts"] == 2
+    assert record["duplicate_risk"] is True
+
+
+def test_a_risk_from_before_spooling_survives_clean_attempts_and_reaches_the_record(
+    run: Run[None], spool: Spool, clock: Clock, records: Records
+) -> None:
+    # Spooled by a relay whose replays may have delivered it already.
+    upstream = RawUpstream(replies={".": b"451 4.3.0 Try again later\r\n"})
+    try:
+        queue_id = put(spool, duplicate_risk=True)
+        queue = runner(spool, clock, records, [target(upstream.port)])
+        run(queue.deliver_one(queue_id))
+        entry = spool.get(queue_id)
+        assert entry.state is EntryState.DEFERRED
+        assert entry.last_error == "up: 451 4.3.0 Try again later"
+        assert entry.duplicate_risk is True  # a clean 4xx does not clear it
+
+        upstream.replies.clear()
+        clock.now = entry.next_attempt
+        run(queue.deliver_one(queue_id))
+        assert len(upstream.wait_all_ended(2)) == 2
+    finally:
+        upstream.close()
+    (record,) = records.items
+    assert (record["outcome"], record["attempts"]) == ("delivered", 2)
     assert record["duplicate_risk"] is True
 
 
@@ -669,7 +698,7 @@ def test_every_upstream_unreachable_defers_naming_each(
     assert entry.state is EntryState.DEFERRED
     assert entry.last_error is not None
     assert re.fullmatch(r"first: connect: .+; second: connect: .+", entry.last_error)
-    assert not entry.last_error.startswith(DUPLICATE_RISK)
+    assert entry.duplicate_risk is False
 
 
 def test_entry_of_an_unknown_route_is_deferred(

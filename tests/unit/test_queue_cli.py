@@ -61,7 +61,8 @@ def seeded(tmp_path: Path) -> Seeded:
             envelope(b"<b@example.net>", b"<c@example.net> NOTIFY=NEVER"), [DATA_MESSAGE]
         )
         spool.mark_delivered(deferred, 0, OK)
-        spool.defer(deferred, BUSY_ERROR, time.time() + 600)
+        # An attempt that may have delivered: a lost outcome, say.
+        spool.defer(deferred, BUSY_ERROR, time.time() + 600, duplicate_risk=True)
         bdat = Envelope(
             mail_from=b"MAIL FROM:<>",
             recipients=(b"RCPT TO:<postmaster@example.net>",),
@@ -97,7 +98,7 @@ def test_list_prints_one_line_per_entry_oldest_first(
     out, err = capsys.readouterr()
     header, *lines = out.splitlines()
     assert header.split() == [
-        "ID", "STATE", "AGE", "TRIES", "SIZE", "SENDER", "RCPTS", "NEXT", "LAST", "ERROR"
+        "ID", "STATE", "AGE", "TRIES", "SIZE", "SENDER", "RCPTS", "NEXT", "DUP", "LAST", "ERROR"
     ]  # fmt: skip
     assert [line.split()[:2] for line in lines] == [
         [seeded.queued, "queued"],
@@ -107,11 +108,12 @@ def test_list_prints_one_line_per_entry_oldest_first(
     ]
     queued, deferred, held, dead = (line.split() for line in lines)
     assert re.fullmatch(r"\d+s", queued[2])
-    assert queued[3:] == ["0", "40B", "alice@example.org", "1/1", "now"]
+    assert queued[3:] == ["0", "40B", "alice@example.org", "1/1", "now", "no"]
     assert deferred[3:8] == ["1", "40B", "alice@example.org", "1/2", "in"]
     assert re.fullmatch(r"(9|10)m", deferred[8])
-    assert held[5:] == ["<>", "1/1", "held"]
-    assert dead[-3:] == ["never", "too", "old"]
+    assert deferred[9] == "yes"
+    assert held[5:] == ["<>", "1/1", "held", "no"]
+    assert dead[-4:] == ["never", "no", "too", "old"]
     # The last error is shortened, and the escape character cannot reach the terminal.
     assert lines[1].endswith("  451 4.3.0 upstream busy \\x1b[31m and ...")
     assert "\x1b" not in out
@@ -135,6 +137,8 @@ def test_list_json_holds_every_field(seeded: Seeded, capsys: pytest.CaptureFixtu
     assert deferred["state"] == "deferred"
     assert deferred["attempts"] == 1
     assert deferred["last_error"] == BUSY_ERROR
+    assert deferred["duplicate_risk"] is True
+    assert [e["duplicate_risk"] for e in listed] == [False, True, False, False]
     assert deferred["sender"] == "alice@example.org"
     assert deferred["mail_from"] == "MAIL FROM:<alice@example.org> SIZE=40"
     assert (deferred["pending"], deferred["total"]) == (1, 2)
@@ -175,18 +179,33 @@ def test_list_of_an_empty_spool(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_show_prints_the_whole_envelope(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
     assert queue(seeded, "show", seeded.deferred) == 0
     out = capsys.readouterr().out
-    assert f"id:            {seeded.deferred}\n" in out
-    assert "state:         deferred\n" in out
-    assert "attempts:      1\n" in out
-    assert "last error:    451 4.3.0 upstream busy \\x1b[31m and a long story" in out
-    assert "mail from:     MAIL FROM:<alice@example.org> SIZE=40\n" in out
-    assert "recipients:    1 of 2 pending\n" in out
+    assert f"id:             {seeded.deferred}\n" in out
+    assert "state:          deferred\n" in out
+    assert "attempts:       1\n" in out
+    assert "last error:     451 4.3.0 upstream busy \\x1b[31m and a long story" in out
+    assert "duplicate risk: yes\n" in out
+    assert "mail from:      MAIL FROM:<alice@example.org> SIZE=40\n" in out
+    assert "recipients:     1 of 2 pending\n" in out
     assert "  delivered  b@example.net\n" in out
     assert "last reply: 250 2.0.0 Ok: queued as X\n" in out
     assert "  pending    c@example.net\n" in out
     assert "RCPT TO:<c@example.net> NOTIFY=NEVER\n" in out
     assert "last reply: no reply yet\n" in out
-    assert "route:         main" in out
+    assert "route:          main" in out
+
+
+def test_show_says_whether_an_entry_risks_a_duplicate(
+    seeded: Seeded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert queue(seeded, "show", seeded.queued) == 0
+    out = capsys.readouterr().out
+    assert "duplicate risk: no\n" in out
+    # The last error is the error alone: the risk has a line of its own.
+    assert "last error:     -\n" in out
+    assert queue(seeded, "show", seeded.deferred, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["duplicate_risk"] is True
+    assert shown["last_error"] == BUSY_ERROR
 
 
 def test_show_json_is_one_object(seeded: Seeded, capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,6 +213,7 @@ def test_show_json_is_one_object(seeded: Seeded, capsys: pytest.CaptureFixture[s
     shown = json.loads(capsys.readouterr().out)
     assert shown["id"] == seeded.held
     assert shown["state"] == "held"
+    assert shown["duplicate_risk"] is False
     assert shown["recipients"][0]["address"] == "postmaster@example.net"
 
 

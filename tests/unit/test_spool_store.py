@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 
 from smtpwarden.protocol.records import ReplyInfo
 from smtpwarden.spool import (
     BodyKind,
+    CorruptEntry,
     Entry,
     EntryBusy,
     EntryState,
@@ -226,6 +228,73 @@ def test_update_keeps_what_identifies_the_message(spool: Spool) -> None:
             spool.update(replace(entry, **change))
     moved = spool.update(replace(entry, route="other", last_error="note"))
     assert spool.get(entry.queue_id) == moved
+
+
+def test_duplicate_risk_round_trips_through_the_envelope_file(spool: Spool) -> None:
+    plain = spool.put_sync(ENVELOPE, [MESSAGE])
+    risky = spool.put_sync(replace(ENVELOPE, duplicate_risk=True), [MESSAGE])
+    assert spool.get(plain).duplicate_risk is False
+    assert spool.get(risky).duplicate_risk is True
+    assert orjson.loads(spool.layout.envelope(plain).read_bytes())["duplicate_risk"] is False
+    assert orjson.loads(spool.layout.envelope(risky).read_bytes())["duplicate_risk"] is True
+    entry = spool.get(risky)
+    assert codec.decode(codec.encode(entry), risky) == entry
+
+
+def test_an_envelope_file_from_before_duplicate_risk_still_loads(spool: Spool) -> None:
+    queue_id = spool.put_sync(ENVELOPE, [MESSAGE])
+    document = orjson.loads(spool.layout.envelope(queue_id).read_bytes())
+    del document["duplicate_risk"]  # as earlier versions wrote it
+    spool.layout.envelope(queue_id).write_bytes(orjson.dumps(document))
+    entry = spool.get(queue_id)
+    assert entry.duplicate_risk is False
+    assert [e.queue_id for e in spool.entries()] == [queue_id]
+    # The next change writes the key.
+    spool.hold(queue_id)
+    assert b'"duplicate_risk": false' in spool.layout.envelope(queue_id).read_bytes()
+
+
+def test_a_duplicate_risk_that_is_not_a_boolean_is_damage(spool: Spool) -> None:
+    queue_id = spool.put_sync(ENVELOPE, [MESSAGE])
+    document = orjson.loads(spool.layout.envelope(queue_id).read_bytes())
+    document["duplicate_risk"] = "yes"
+    spool.layout.envelope(queue_id).write_bytes(orjson.dumps(document))
+    with pytest.raises(CorruptEntry, match="duplicate_risk should be true or false"):
+        spool.get(queue_id)
+
+
+def test_an_update_sets_the_duplicate_risk_and_nothing_clears_it(
+    tmp_path: Path, clock: Clock
+) -> None:
+    with Spool(tmp_path / "spool", clock=clock) as spool:
+        queue_id = spool.put_sync(ENVELOPE, [MESSAGE])
+        entry = spool.defer(queue_id, "451 4.3.0 busy", clock.now + 60)
+        assert entry.duplicate_risk is False
+        entry = spool.defer(queue_id, "up: no reply", clock.now + 60, duplicate_risk=True)
+        assert (entry.duplicate_risk, entry.last_error) == (True, "up: no reply")
+        # A later clean attempt leaves it set, and so does every other change.
+        assert spool.defer(queue_id, "451 4.3.0 busy", clock.now + 60).duplicate_risk
+        assert spool.hold(queue_id).duplicate_risk
+        assert spool.release(queue_id).duplicate_risk
+        assert spool.mark_delivered(queue_id, 0, OK).duplicate_risk
+        with pytest.raises(ValueError, match="duplicate_risk cannot be cleared"):
+            spool.update(replace(spool.get(queue_id), duplicate_risk=False))
+        assert spool.get(queue_id).duplicate_risk is True
+        # Set through a plain update too.
+        other = spool.get(spool.put_sync(ENVELOPE, [MESSAGE]))
+        assert spool.update(replace(other, duplicate_risk=True)).duplicate_risk
+        dead = spool.to_dead(
+            spool.put_sync(ENVELOPE, [MESSAGE]), "too old", duplicate_risk=True
+        ).queue_id
+    # What was written survives a restart and its crash recovery.
+    with Spool(tmp_path / "spool", clock=clock) as reopened:
+        report = reopened.recover()
+        assert {e.queue_id: e.duplicate_risk for e in report.resume} == {
+            queue_id: True,
+            other.queue_id: True,
+        }
+        assert reopened.get(dead).duplicate_risk is True
+        assert reopened.get(queue_id).recipients[0].state is RecipientState.DELIVERED
 
 
 def test_defer_counts_attempts_and_due_follows_next_attempt(spool: Spool) -> None:

@@ -23,7 +23,8 @@ Rule 1 (PRODUCT.md invariant 7): a recipient leaves PENDING only on an
 upstream's own answer, written to disk before the lease is released, and is
 then never sent the message again. A lost outcome (message sent, no reply:
 RFC 1047) keeps its recipients pending: delivery is at least once, and the
-entry keeps a duplicate-risk mark (``DUPLICATE_RISK``) that its record shows.
+entry's ``duplicate_risk`` is set on disk, so that its record shows it even
+after a restart.
 
 Rule 2: spool calls block on fsync, so they run in worker threads. A call
 under way is waited for even when the delivery is cancelled: a lease is
@@ -66,11 +67,6 @@ TICK_S = 1.0
 MAX_JITTER = 0.99
 # ``last_error`` is shown by ``smtpwarden queue``: a line, not a transcript.
 ERROR_CHARS = 500
-# Prefixed to ``last_error`` once an attempt may have delivered without
-# saying so (a lost outcome, a 2xx that contradicts itself), and kept on
-# every later deferral: the entry has no field of its own for it, and the
-# mark must outlive a restart to reach the entry's record.
-DUPLICATE_RISK = "duplicate risk: "
 CRLF = b"\r\n"
 
 
@@ -206,7 +202,8 @@ class QueueRunner:
         deliverable = entry.state in (EntryState.QUEUED, EntryState.DEFERRED)
         if not deliverable or entry.finished or max(entry.next_attempt, not_before) > now:
             return
-        run = _Run(entry=entry, attempts=entry.attempts, risky=_risky(entry) or unwritten_risk)
+        risky = entry.duplicate_risk or unwritten_risk
+        run = _Run(entry=entry, attempts=entry.attempts, risky=risky)
         max_age = self._backoff.max_age_s
         if expired(entry.created, now, max_age):
             run.dead = True
@@ -272,7 +269,7 @@ class QueueRunner:
         """
         lease, settled, dead = claim.lease, run.entry, run.dead
         before = lease.entry
-        text = ((DUPLICATE_RISK if run.risky else "") + run.error)[:ERROR_CHARS]
+        text = run.error[:ERROR_CHARS]
         now = self._clock()
         when = min(
             next_attempt(max(run.attempts, 1), now, self._rng, self._backoff),
@@ -283,7 +280,11 @@ class QueueRunner:
             entry = lease.update(settled) if settled != lease.entry else settled
             if entry.finished:
                 return entry
-            return lease.to_dead(text) if dead else lease.defer(text, when)
+            # The risk goes to disk with the deferral: it must outlive a
+            # restart to reach the entry's record.
+            if dead:
+                return lease.to_dead(text, duplicate_risk=run.risky)
+            return lease.defer(text, when, duplicate_risk=run.risky)
 
         def written(stored: Entry) -> None:
             self._unwritten.pop(stored.queue_id, None)
@@ -438,7 +439,3 @@ def _upstream(target: Target | None) -> Upstream | None:
     if target is None:
         return None
     return Upstream(name=target.name, address=target.host, port=target.port)
-
-
-def _risky(entry: Entry) -> bool:
-    return entry.last_error is not None and entry.last_error.startswith(DUPLICATE_RISK)

@@ -5,7 +5,7 @@ One JSON object per file (``queue/ID.env``), format version 1::
     {"version": 1, "id": "20250102T030405.123456-1a2b3c4d", "state": "deferred",
      "created": 1735787045.123, "attempts": 2, "next_attempt": 1735788245.5,
      "last_error": "451 4.3.0 upstream busy", "transaction_id": "...",
-     "dedupe_key": "...", "route": "default",
+     "dedupe_key": "...", "route": "default", "duplicate_risk": false,
      "mail_from": "MAIL FROM:<a@example.org> SIZE=1234",
      "recipients": [{"line": "RCPT TO:<b@example.net>", "state": "delivered",
                      "reply": {"code": 250, "enhanced": "2.0.0", "text": "Ok",
@@ -16,6 +16,9 @@ A command line that is not valid UTF-8 (an 8-bit parameter value the grammar
 lets through) is written as ``{"base64": "..."}`` instead of a string, so
 every octet survives. ``decode`` checks every field's type and raises
 ``CorruptEntry``, never KeyError or TypeError, on a damaged file.
+
+``duplicate_risk`` came after the first spools were written: a file without
+it reads as false, so those spools still load (and are still version 1).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def encode(entry: Entry) -> bytes:
         "transaction_id": entry.transaction_id,
         "dedupe_key": entry.dedupe_key,
         "route": entry.route,
+        "duplicate_risk": entry.duplicate_risk,
         "mail_from": _line_out(entry.mail_from),
         "recipients": [
             {"line": _line_out(r.line), "state": r.state.value, "reply": reply_json(r.reply)}
@@ -126,6 +130,10 @@ class _Reader:
         if not isinstance(value, bool):
             raise self._bad(key, "true or false")
         return value
+
+    def optional_flag(self, key: str) -> bool:
+        """A flag added after the format's first files: missing reads as False."""
+        return self.flag(key) if key in self.data else False
 
     def line(self, key: str) -> bytes:
         value = self._get(key)
@@ -203,4 +211,5 @@ def decode(raw: bytes, queue_id: str) -> Entry:
         transaction_id=doc.text("transaction_id"),
         dedupe_key=doc.text("dedupe_key"),
         route=doc.text("route"),
+        duplicate_risk=doc.optional_flag("duplicate_risk"),
     )

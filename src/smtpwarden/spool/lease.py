@@ -101,7 +101,8 @@ class Lease:
         folder fsync). An entry with no recipient left pending is removed
         instead, and the lease ends; the returned entry is then the caller's
         record of it. Raises ValueError if ``entry`` changes what identifies
-        the message, InvalidTransition if it changes a settled recipient.
+        the message or clears its duplicate risk, InvalidTransition if it
+        changes a settled recipient.
         """
         check_update(self._check(), entry)
         if entry.finished:
@@ -125,8 +126,12 @@ class Lease:
         chosen = (indexes,) if isinstance(indexes, int) else tuple(indexes)
         return self.update(self._check().settle(chosen, state, reply))
 
-    def defer(self, error: str, next_attempt: float) -> Entry:
-        """Count a failed attempt and wait until ``next_attempt`` (see ``schedule``)."""
+    def defer(self, error: str, next_attempt: float, *, duplicate_risk: bool = False) -> Entry:
+        """Count a failed attempt and wait until ``next_attempt`` (see ``schedule``).
+
+        ``duplicate_risk`` marks an attempt that may have delivered without
+        saying so; an entry already marked stays marked either way.
+        """
         entry = self._check()
         return self.update(
             replace(
@@ -135,6 +140,7 @@ class Lease:
                 attempts=entry.attempts + 1,
                 next_attempt=next_attempt,
                 last_error=error,
+                duplicate_risk=entry.duplicate_risk or duplicate_risk,
             )
         )
 
@@ -160,11 +166,15 @@ class Lease:
         state = transition(entry.state, Change.RETRY)
         return self.update(replace(entry, state=state, next_attempt=self._clock()))
 
-    def to_dead(self, reason: str) -> Entry:
-        """Give up: the entry stays, as dead, until an operator deletes or retries it."""
+    def to_dead(self, reason: str, *, duplicate_risk: bool = False) -> Entry:
+        """Give up: the entry stays, as dead, until an operator deletes or retries it.
+
+        ``duplicate_risk`` as for ``defer``.
+        """
         entry = self._check()
         state = transition(entry.state, Change.BURY)
-        return self.update(replace(entry, state=state, last_error=reason))
+        risk = entry.duplicate_risk or duplicate_risk
+        return self.update(replace(entry, state=state, last_error=reason, duplicate_risk=risk))
 
     def delete(self) -> Entry:
         """Remove the entry whatever its state; the lease ends. Returns the entry."""

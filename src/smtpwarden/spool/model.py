@@ -11,6 +11,8 @@ Rules kept here:
   message is never delivered twice to a recipient that accepted it.
 - State changes follow ``TRANSITIONS``; anything else raises
   ``InvalidTransition``.
+- ``duplicate_risk``, once set, stays set: whether an earlier attempt may
+  have delivered is not undone by a later one.
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ class Envelope:
     is refused (PRODUCT.md invariant 3). ``recipients`` holds only those that
     still need delivery. ``dedupe_key`` is the caller's hash of envelope and
     body, kept for records; ``route`` names the route that spooled it and is
-    opaque to the spool.
+    opaque to the spool. ``duplicate_risk`` says that an attempt before
+    spooling may have delivered the message without saying so.
     """
 
     mail_from: bytes
@@ -147,6 +150,7 @@ class Envelope:
     transaction_id: str
     dedupe_key: str
     route: str = ""
+    duplicate_risk: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,6 +171,9 @@ class Entry:
     transaction_id: str
     dedupe_key: str
     route: str
+    # An attempt (before spooling, or from the spool) may have delivered
+    # without a clean answer: a recipient may get the message twice.
+    duplicate_risk: bool
 
     @property
     def sender(self) -> str:
@@ -208,13 +215,16 @@ class Entry:
 def check_update(old: Entry, new: Entry) -> None:
     """Raise ValueError or InvalidTransition if ``new`` may not replace ``old``.
 
-    What identifies the message never changes, and a recipient that left
-    PENDING never returns to it or changes its state.
+    What identifies the message never changes, a recipient that left
+    PENDING never returns to it or changes its state, and a duplicate risk
+    is never cleared.
     """
     fixed = ("queue_id", "created", "mail_from", "body", "size", "sha256", "transaction_id")
     for name in fixed:
         if getattr(old, name) != getattr(new, name):
             raise ValueError(f"{old.queue_id}: {name} cannot change")
+    if old.duplicate_risk and not new.duplicate_risk:
+        raise ValueError(f"{old.queue_id}: duplicate_risk cannot be cleared")
     if [r.line for r in old.recipients] != [r.line for r in new.recipients]:
         raise ValueError(f"{old.queue_id}: recipients cannot change")
     for index, (before, after) in enumerate(zip(old.recipients, new.recipients, strict=True)):

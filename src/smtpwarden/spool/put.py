@@ -161,6 +161,7 @@ class Writer:
                 transaction_id=envelope.transaction_id,
                 dedupe_key=envelope.dedupe_key,
                 route=envelope.route,
+                duplicate_risk=envelope.duplicate_risk,
             )
             write_durably(staged.envelope_tmp, codec.encode(entry))
         except _FromChunks as wrapped:

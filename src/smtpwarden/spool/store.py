@@ -308,10 +308,20 @@ class Spool:
         return self._change(queue_id, timeout, lambda lease: lease.mark_failed(indexes, reply))
 
     def defer(
-        self, queue_id: str, error: str, next_attempt: float, *, timeout: float | None = LOCK_WAIT_S
+        self,
+        queue_id: str,
+        error: str,
+        next_attempt: float,
+        *,
+        duplicate_risk: bool = False,
+        timeout: float | None = LOCK_WAIT_S,
     ) -> Entry:
         """``Lease.defer`` under a lease of its own."""
-        return self._change(queue_id, timeout, lambda lease: lease.defer(error, next_attempt))
+        return self._change(
+            queue_id,
+            timeout,
+            lambda lease: lease.defer(error, next_attempt, duplicate_risk=duplicate_risk),
+        )
 
     def hold(self, queue_id: str, *, timeout: float | None = LOCK_WAIT_S) -> Entry:
         """``Lease.hold`` under a lease of its own."""
@@ -325,9 +335,18 @@ class Spool:
         """``Lease.retry_now`` under a lease of its own."""
         return self._change(queue_id, timeout, Lease.retry_now)
 
-    def to_dead(self, queue_id: str, reason: str, *, timeout: float | None = LOCK_WAIT_S) -> Entry:
+    def to_dead(
+        self,
+        queue_id: str,
+        reason: str,
+        *,
+        duplicate_risk: bool = False,
+        timeout: float | None = LOCK_WAIT_S,
+    ) -> Entry:
         """``Lease.to_dead`` under a lease of its own."""
-        return self._change(queue_id, timeout, lambda lease: lease.to_dead(reason))
+        return self._change(
+            queue_id, timeout, lambda lease: lease.to_dead(reason, duplicate_risk=duplicate_risk)
+        )
 
     def delete(self, queue_id: str, *, timeout: float | None = LOCK_WAIT_S) -> Entry:
         """``Lease.delete`` under a lease of its own; returns the removed entry."""
