@@ -110,7 +110,8 @@ class RawUpstream:
 
     ``ehlo`` lists the keywords it offers after the greeting line;
     ``replies`` maps an upper-cased verb (or "BANNER", or "." for the end of
-    data) to raw reply bytes that replace the normal reply.
+    data) to raw reply bytes that replace the normal reply; "RCPT <path>"
+    (the path as the client wrote it) replaces it for one recipient.
     """
 
     def __init__(
@@ -209,7 +210,9 @@ class RawUpstream:
                 elif verb == "MAIL":
                     sock.sendall(self._reply("MAIL", b"250 2.1.0 Ok\r\n"))
                 elif verb == "RCPT":
-                    sock.sendall(self._reply("RCPT", b"250 2.1.5 Ok\r\n"))
+                    path = line.partition(b":")[2].split(b" ")[0].strip().decode("ascii", "replace")
+                    default = self._reply("RCPT", b"250 2.1.5 Ok\r\n")
+                    sock.sendall(self._reply(f"RCPT {path}", default))
                 elif verb in ("RSET", "NOOP"):
                     sock.sendall(self._reply(verb, b"250 2.0.0 Ok\r\n"))
                 else:

@@ -29,7 +29,7 @@ PATTERNS: dict[str, tuple[dict[str, bytes], str]] = {
 # (pattern, policy) -> (client reply code, record outcome, diagnosis pattern)
 EXPECTED: dict[tuple[str, str], tuple[int, str, str]] = {
     ("deferred_failure", "passthrough"): (451, "deferred", "deferred_failure"),
-    ("contradictory_250", "passthrough"): (250, "delivered", "contradictory_250"),
+    ("contradictory_250", "passthrough"): (451, "deferred", "contradictory_250"),
     ("chunk_failure", "passthrough"): (452, "deferred", "chunk_failure"),
     ("mid_session_loss", "passthrough"): (421, "deferred", "mid_session_loss"),
     ("permanent", "passthrough"): (554, "rejected", "deferred_failure"),

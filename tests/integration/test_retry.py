@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -183,6 +183,93 @@ def test_a_lost_outcome_is_replayed(
     assert len(record["dedupe_key"]) == 64
 
 
+class DropsAfterTheDot(RawUpstream):
+    """Closes its first connection after the final dot, without a reply.
+
+    Later connections get 452 to RCPT, so a delivery from the spool never
+    sends the message again: whatever risk the entry carries was spooled.
+    """
+
+    def _reply(self, key: str, default: bytes) -> bytes:
+        if key == "." and "RCPT" not in self.replies:
+            self.replies["RCPT"] = b"452 4.3.1 Insufficient system storage\r\n"
+            raise ConnectionResetError("dropped after the final dot")
+        return super()._reply(key, default)
+
+
+@pytest.fixture
+def dropping() -> Iterator[tuple[DropsAfterTheDot, DropsAfterTheDot]]:
+    a, b = DropsAfterTheDot(), DropsAfterTheDot()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_message_requeued_after_a_lost_outcome_is_spooled_as_a_duplicate_risk(
+    start_relay: StartRelay, dropping: tuple[DropsAfterTheDot, DropsAfterTheDot], tmp_path: Path
+) -> None:
+    a, b = dropping
+    spool = tmp_path / "spool"
+    relay = start_retrying(
+        start_relay,
+        a.config,
+        b.config,
+        policy="requeue",
+        retry={"attempts": 1, "lost_outcome": "retry"},
+        spool={"path": str(spool)},
+    )
+    with WireClient(relay.address()) as client:
+        client.open_data()
+        client.send(SECTION)
+        code, raw = client.reply()
+        assert code == 250
+        # The session's upstream connection is gone: it ends after the answer.
+        assert client.reply()[0] == 421
+    queue_id = raw.split(b"queued as ")[1].strip().decode()
+    # a took the message and dropped; so did b, the replay.
+    assert a.wait_all_ended()[0].data == [SECTION]
+    assert b.wait_all_ended()[0].data == [SECTION]
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert (record["outcome"], record["duplicate_risk"]) == ("requeued", True)
+    relay.stop()
+    with Spool(spool) as reopened:
+        entry = reopened.get(queue_id)
+    assert entry.duplicate_risk is True
+    assert [r.line for r in entry.recipients] == [b"RCPT TO:<rcpt@example.net>"]
+    # The error, if the spool tried it meanwhile, is the error alone.
+    assert entry.last_error is None or entry.last_error.startswith("a: RCPT 452")
+
+
+def test_a_lost_outcome_is_a_duplicate_risk_even_if_no_replay_sends_the_message(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], tmp_path: Path
+) -> None:
+    a = DropsAfterTheDot()
+    b = make_raw_upstream(replies={"RCPT": b"452 4.3.1 Insufficient system storage\r\n"})
+    spool = tmp_path / "spool"
+    try:
+        relay = start_retrying(
+            start_relay,
+            a.config,
+            b.config,
+            policy="requeue",
+            retry={"attempts": 1, "lost_outcome": "retry"},
+            spool={"path": str(spool)},
+        )
+        code, raw = send(relay)
+        assert code == 250
+        # The replay never sent the message (at most the empty one RFC 2920
+        # 3.1 has a client end an accepted DATA with when no RCPT succeeded).
+        assert SECTION not in b.wait_all_ended()[0].data
+        (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+        assert (record["outcome"], record["duplicate_risk"]) == ("requeued", True)
+        relay.stop()
+    finally:
+        a.close()
+    queue_id = raw.split(b"queued as ")[1].strip().decode()
+    with Spool(spool) as reopened:
+        assert reopened.get(queue_id).duplicate_risk is True
+
+
 def start_requeueing(
     start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], spool: Path
 ) -> RunningRelay:
@@ -211,9 +298,12 @@ def test_requeue_spools_what_the_replays_could_not_deliver(
     (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
     assert (record["outcome"], record["attempts"]) == ("requeued", 2)
     assert record["final_reply"]["local"] is True
+    # Every attempt got a clear 4xx: nobody has the message.
+    assert record["duplicate_risk"] is False
     relay.stop()
     with Spool(spool) as reopened:
         entry = reopened.get(queue_id)
+        assert entry.duplicate_risk is False
         assert entry.mail_from == b"MAIL FROM:<sender@example.org>"
         assert [r.line for r in entry.recipients] == [b"RCPT TO:<rcpt@example.net>"]
         with reopened.open_message(queue_id) as message:

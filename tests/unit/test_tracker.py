@@ -437,3 +437,104 @@ def test_nothing_to_replay_before_the_message_is_sent() -> None:
     assert not s.tracker.lost_message(s.tick())
     with pytest.raises(LocalProtocolError):
         s.tracker.end_replay(None, Outcome.DEFERRED, 1, s.tick())
+
+
+def test_an_unheld_message_is_never_replayed() -> None:
+    s = Session()
+    s.tracker = SessionTracker(info=INFO, now=s.now, replays=transient)
+    s.reply(b"220 mx\r\n")
+    s.send(b"MAIL FROM:<a@b>", b"RCPT TO:<ok@d>", b"DATA")
+    s.reply(b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n")
+    s.body(b"x\r\n.\r\n")
+    s.tracker.end_of_body(s.tick(), replayable=False)
+    assert not s.tracker.lost_message(s.tick())
+    s.reply(b"451 4.3.0 try later\r\n")
+    assert s.tracker.replay is None
+    assert [r.outcome for r in s.tracker.records] == [Outcome.DEFERRED]
+
+
+def contradicts(reply: object) -> bool:
+    return b"failed" in b"".join(getattr(reply, "lines", ()))
+
+
+@pytest.mark.parametrize("bdat", [False, True])
+def test_a_contradictory_250_ends_a_transaction_as_deferred(bdat: bool) -> None:
+    s = Session()
+    s.tracker = SessionTracker(info=INFO, now=s.now, contradicts=contradicts)
+    s.reply(b"220 mx\r\n")
+    s.send(b"MAIL FROM:<a@b>", b"RCPT TO:<ok@d>")
+    s.reply(b"250 ok\r\n", b"250 ok\r\n")
+    if bdat:
+        s.send(b"BDAT 3 LAST")
+        s.body(b"x\r\n")
+        s.end()
+    else:
+        s.send(b"DATA")
+        s.reply(b"354 go\r\n")
+        s.body(b"x\r\n.\r\n")
+        s.end()
+    entry = s.tracker.upstream_reply(parse_reply(b"250 Mail transaction failed\r\n"), s.tick())
+    assert entry is not None
+    assert entry.contradicted
+    (record,) = s.tracker.records
+    assert record.outcome is Outcome.DEFERRED
+    assert record.final_reply is not None
+    assert record.final_reply.code == 250
+    assert not record.final_reply.local
+    assert record.diagnosis is not None
+    assert record.diagnosis.pattern.value == "contradictory_250"
+
+
+def test_a_clean_250_is_not_contradicted() -> None:
+    s = Session()
+    s.tracker = SessionTracker(info=INFO, now=s.now, contradicts=contradicts)
+    s.reply(b"220 mx\r\n")
+    deliver(s)
+    assert [r.outcome for r in s.tracker.records] == [Outcome.DELIVERED]
+
+
+def take_over_session(*rcpt_replies: bytes) -> Session:
+    """Requeue with take-over: one RCPT per reply, each forwarded as take-over-able."""
+    s = Session()
+    s.tracker = SessionTracker(info=INFO, now=s.now, replays=transient)
+    s.reply(b"220 mx\r\n")
+    s.send(b"MAIL FROM:<a@b>")
+    s.reply(b"250 ok\r\n")
+    for i, wire in enumerate(rcpt_replies):
+        s.tracker.forwarded(command(b"RCPT TO:<r%d@d>" % i), s.tick(), takes_over=True)
+        entry = s.tracker.upstream_reply(parse_reply(wire), s.tick())
+        assert entry is not None
+        expected = wire.startswith(b"4") and rcpt_replies[0].startswith(b"250")
+        assert entry.takes_over is expected
+    return s
+
+
+def test_a_4xx_recipient_after_an_accepted_one_is_taken_over() -> None:
+    s = take_over_session(b"250 ok\r\n", b"451 busy\r\n", b"550 no\r\n", b"452 full\r\n")
+    s.send(b"DATA")
+    s.reply(b"354 go\r\n")
+    s.body(b"x\r\n.\r\n")
+    s.end()
+    s.reply(b"250 2.0.0 queued\r\n")
+    replay = s.tracker.replay
+    assert replay is not None
+    assert replay.delivered
+    assert [r.path for r in replay.recipients] == [b"r0@d"]
+    assert [r.path for r in replay.taken_over] == [b"r1@d", b"r3@d"]
+    s.tracker.end_replay(None, Outcome.REQUEUED, 1, s.tick())
+    (record,) = s.tracker.records
+    assert record.taken_over == ("r1@d", "r3@d")
+    assert [r.reply.code for r in record.recipients if r.reply] == [250, 451, 550, 452]
+
+
+def test_a_4xx_recipient_before_any_accepted_one_is_not_taken_over() -> None:
+    s = take_over_session(b"451 busy\r\n", b"250 ok\r\n")
+    s.send(b"DATA")
+    s.reply(b"354 go\r\n")
+    s.body(b"x\r\n.\r\n")
+    s.end()
+    s.reply(b"250 2.0.0 queued\r\n")
+    assert s.tracker.replay is None
+    (record,) = s.tracker.records
+    assert record.taken_over == ()
+    assert record.outcome is Outcome.DELIVERED

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from smtpwarden.config import Config, Policy
+from smtpwarden.config import Config
 from smtpwarden.net.replies import LocalReplies
+from smtpwarden.net.routing import RouteTable
 from smtpwarden.net.upstream import Health, Target
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
@@ -27,10 +28,8 @@ class ListenerContext:
     """What every session of one listener shares."""
 
     name: str
-    target: Target  # where sessions connect: the route's first upstream
-    targets: tuple[Target, ...]  # the route's upstreams, in order, for replays
-    delivery: Policy  # the route's policy: passthrough, retry or requeue
-    route: str  # the route's name, kept with spooled messages
+    target: Target  # where sessions connect: the listener route's first upstream
+    routes: RouteTable  # the listener's route, and the recipient-domain routes on it
     spool: Spool | None  # where requeue puts what its replays could not deliver
     health: Health  # shared by every listener: which upstreams to skip
     config: Config

@@ -1,4 +1,7 @@
-"""The session's side of guarded delivery: replays and their answers.
+"""The session's side of guarded delivery: routes, replays and their answers.
+
+Each transaction follows one route (``routing``): the first RCPT chooses
+it, and decides whether the message is held for a replay.
 
 Under retry and requeue, the session hands the end of a held message to
 ``replay.Guard`` when the upstream's verdict calls for a replay (or never
@@ -14,8 +17,10 @@ import time
 from smtpwarden.net.ending import SessionEnd
 from smtpwarden.net.flow import Hold
 from smtpwarden.net.replay import ReplayResult
+from smtpwarden.net.routing import Route
 from smtpwarden.net.upstream import Target
 from smtpwarden.protocol.errors import LocalProtocolError
+from smtpwarden.protocol.events import Command, RcptTo
 from smtpwarden.protocol.records import ReplyInfo
 
 _now = time.monotonic
@@ -25,6 +30,8 @@ class GuardedSession(SessionEnd):
     """Replay glue between ``SessionEnd`` and ``Session``."""
 
     target: Target
+    _route: Route | None  # the current transaction's, once it has a RCPT
+    _recipients: int  # RCPTs sent in the current transaction
     _awaiting_end: bool
     _resume_pump: bool
     _quitting: bool
@@ -33,6 +40,23 @@ class GuardedSession(SessionEnd):
     def _pump_client(self) -> None:
         """Relay what the client sent; see ``Session``."""
         raise NotImplementedError
+
+    def _new_transaction(self) -> None:
+        """MAIL, RSET, EHLO or HELO: what belonged to the last transaction goes."""
+        self._recipients = 0
+        self._route = None
+        self.guard.release()  # a held copy belongs to one transaction
+
+    def _same_route(self, command: Command) -> bool:
+        """True if this RCPT follows the transaction's route (its first RCPT sets it)."""
+        routes = self.ctx.routes
+        if not routes.by_domain:
+            return True
+        assert isinstance(command, RcptTo)  # noqa: S101 - the parser's type for RCPT
+        route = routes.for_recipient(command.path)
+        if self._route is None:
+            self._route = route
+        return route is self._route
 
     def _replay_lost(self) -> bool:
         """Replay a sent message whose reply will not come, if the policy says so."""

@@ -26,6 +26,7 @@ from smtpwarden.config import LimitsConfig, RetryConfig, TimeoutsConfig
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.delivery import Attempt, Envelope, deliver
 from smtpwarden.net.held import HeldMessage
+from smtpwarden.net.routing import Route
 from smtpwarden.net.upstream import Health, Target
 from smtpwarden.protocol.diagnosis import DEFAULT_PHRASES, contradiction
 from smtpwarden.protocol.records import Outcome
@@ -55,13 +56,16 @@ def phrases_of(retry: RetryConfig) -> tuple[str, ...]:
     return (*DEFAULT_PHRASES, *retry.phrases)
 
 
+def contradicts(reply: Reply, phrases: Sequence[str] = DEFAULT_PHRASES) -> bool:
+    """True if ``reply`` is a 2xx whose enhanced code or text reports a failure."""
+    return contradiction(reply.code, reply.enhanced, reply.text, phrases=phrases) is not None
+
+
 def transient(reply: Reply, phrases: Sequence[str] = DEFAULT_PHRASES) -> bool:
     """True if ``reply``, ending a sent message, calls for a replay."""
     if reply.code // 100 == 4:
         return True
-    return reply.code // 100 == 2 and (
-        contradiction(reply.code, reply.enhanced, reply.text, phrases=phrases) is not None
-    )
+    return reply.code // 100 == 2 and contradicts(reply, phrases)
 
 
 def replay_order(targets: Sequence[Target], first: Target, attempts: int) -> list[Target]:
@@ -128,7 +132,10 @@ async def replay(
                 duplicate_risk=risk,
             )
         delivered = _delivered(attempt, phrases)
-        risk = risk or (attempt.sent and not delivered)
+        # Sent, and no answer or a 2xx that contradicts itself: the upstream
+        # may have the message. A 4xx or 5xx says it does not.
+        unclear = final is None or (final.code // 100 == 2 and not delivered)
+        risk = risk or (attempt.sent and unclear)
         remaining = [line for i, line in enumerate(remaining) if i not in delivered]
         if final is not None and not remaining:
             return ReplayResult(
@@ -177,26 +184,33 @@ def _report_health(health: Health, target: Target, attempt: Attempt) -> None:
 
 
 async def requeue(
-    ctx: ListenerContext, wanted: Replay, held: HeldMessage, spent: ReplayResult
+    ctx: ListenerContext, route: Route, wanted: Replay, held: HeldMessage, spent: ReplayResult
 ) -> ReplayResult:
     """Spool what the replays could not deliver, then answer 250 with its id.
 
+    The spooled recipients are those no attempt delivered to and those the
+    relay took over from a 4xx (``retry.take_over_partial``).
+
     PRODUCT.md, invariant 1: the 250 goes out only once the message and its
     envelope are fsynced in the spool. A spool that cannot take it (a full
-    disk, a broken folder) leaves the client the 4xx, never a 250.
+    disk, a broken folder) leaves the client the 4xx, never a 250; if the
+    upstream had taken the message for some recipients, the client's next
+    try may bring it to them twice, and the record says so.
     """
     hostname = ctx.config.hostname
     if ctx.spool is None:
         raise ValueError("policy requeue without a spool")
     envelope = SpoolEnvelope(
         mail_from=wanted.mail.line,
-        recipients=spent.remaining,
+        recipients=(*spent.remaining, *(rcpt.line for rcpt in wanted.taken_over)),
         body=BodyKind.DATA if held.kind == "data" else BodyKind.BDAT,
         transaction_id=wanted.transaction_id,
         dedupe_key=dedupe_key(
             wanted.mail.line, [rcpt.line for rcpt in wanted.recipients], wanted.sent[1]
         ),
-        route=ctx.route,
+        route=route.name,
+        # Also when the first upstream never answered the end of the message.
+        duplicate_risk=spent.duplicate_risk or wanted.first_failure is None,
     )
     try:
         queue_id = await ctx.spool.put(envelope, held.chunks())
@@ -204,23 +218,34 @@ async def requeue(
         log.error("cannot spool %s: %s", wanted.transaction_id, error)
         reply = make_reply(451, "4.3.0", f"{hostname} Cannot queue the message, try again later")
         return ReplayResult(
-            reply=reply, local=True, outcome=Outcome.DEFERRED, attempts=spent.attempts
+            reply=reply,
+            local=True,
+            outcome=Outcome.DEFERRED,
+            attempts=spent.attempts,
+            duplicate_risk=spent.duplicate_risk or spent.outcome is not Outcome.DEFERRED,
         )
     reply = make_reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-    return ReplayResult(reply=reply, local=True, outcome=Outcome.REQUEUED, attempts=spent.attempts)
+    return ReplayResult(
+        reply=reply,
+        local=True,
+        outcome=Outcome.REQUEUED,
+        attempts=spent.attempts,
+        duplicate_risk=spent.duplicate_risk,
+    )
 
 
 class Guard:
     """One session's held message and its replay, under retry or requeue.
 
-    Under passthrough it holds nothing and never replays.
+    A transaction whose route is passthrough holds nothing and never replays.
     """
 
-    __slots__ = ("_ctx", "held", "task")
+    __slots__ = ("_ctx", "held", "route", "task")
 
     def __init__(self, ctx: ListenerContext) -> None:
         self._ctx = ctx
         self.held: HeldMessage | None = None
+        self.route = ctx.routes.default  # the held message's route
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -228,13 +253,14 @@ class Guard:
         """True while a replay runs."""
         return self.task is not None
 
-    def hold(self, kind: str) -> None:
-        """A message starts (DATA, or a first BDAT chunk): keep a copy of it."""
-        if self._ctx.delivery == "passthrough":
+    def hold(self, kind: str, route: Route) -> None:
+        """A message of ``route`` starts (DATA, or a first BDAT chunk): keep a copy of it."""
+        if not route.guarded:
             return
         if kind == "bdat" and self.held is not None and self.held.kind == "bdat":
             return  # a further chunk of the same message
         self.release()  # what a refused DATA or chunk left behind
+        self.route = route
         self.held = HeldMessage(kind=kind, memory_limit=self._ctx.config.retry.hold_memory_bytes)
 
     def release(self) -> None:
@@ -250,22 +276,35 @@ class Guard:
             raise ValueError("a replay with no held message")
         ctx = self._ctx
         config = ctx.config
+        route = self.route
 
         async def run() -> None:
             try:
-                result = await replay(
-                    wanted=wanted,
-                    held=held,
-                    targets=ctx.targets,
-                    first=first,
-                    health=ctx.health,
-                    retry=config.retry,
-                    timeouts=config.timeouts,
-                    limits=config.limits,
-                    hostname=config.hostname,
+                if wanted.delivered and wanted.first_failure is not None:
+                    # Only the taken-over recipients are left, for the spool.
+                    result = ReplayResult(
+                        reply=wanted.first_failure,
+                        local=False,
+                        outcome=Outcome.DELIVERED,
+                        attempts=1,
+                    )
+                else:
+                    result = await replay(
+                        wanted=wanted,
+                        held=held,
+                        targets=route.targets,
+                        first=first,
+                        health=ctx.health,
+                        retry=config.retry,
+                        timeouts=config.timeouts,
+                        limits=config.limits,
+                        hostname=config.hostname,
+                    )
+                spool = result.outcome is Outcome.DEFERRED or (
+                    wanted.taken_over and result.outcome is not Outcome.REJECTED
                 )
-                if result.outcome is Outcome.DEFERRED and ctx.delivery == "requeue":
-                    result = await requeue(ctx, wanted, held, result)
+                if spool and route.policy == "requeue":
+                    result = await requeue(ctx, route, wanted, held, result)
             except Exception:
                 # A bug must not leave the client waiting for ever: it gets
                 # a 4xx and keeps the message.

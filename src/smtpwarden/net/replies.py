@@ -25,6 +25,9 @@ class LocalReplies:
     not_implemented: Reply
     chunking_not_offered: Reply
     too_many_recipients: Reply
+    other_route: Reply
+    taken_over: Reply
+    contradicted: Reply
     too_many_errors: Reply
 
     @classmethod
@@ -54,6 +57,19 @@ class LocalReplies:
             chunking_not_offered=make_reply(502, "5.5.1", "CHUNKING not offered"),
             # RFC 5321 4.5.3.1.10: 452 for too many recipients; X.5.3.
             too_many_recipients=make_reply(452, "4.5.3", "Too many recipients"),
+            # The same code, so that clients send the recipient again in a
+            # later transaction, as for any recipient limit.
+            other_route=make_reply(
+                452, "4.5.3", "Too many recipients: send this one in another transaction"
+            ),
+            # X.1.5: destination address valid. The spool delivers to it
+            # later; the message's end is answered only once it is spooled.
+            taken_over=make_reply(250, "2.1.5", "Recipient ok, queued for later delivery"),
+            # X.3.0: other mail system problem. The upstream's 250 said it
+            # failed; the client keeps the message and tries again.
+            contradicted=make_reply(
+                451, "4.3.0", "Upstream answered 250 but reported a failure, try again later"
+            ),
             too_many_errors=make_reply(
                 421, "4.7.0", f"{hostname} Too many errors, closing connection"
             ),

@@ -21,12 +21,15 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Mapping
 
-from smtpwarden.config import Config, UpstreamConfig, route_for
+from smtpwarden.config import Config, RouteConfig, UpstreamConfig, route_for
+from smtpwarden.configroutes import domain_routes
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.ending import LINGER_S
 from smtpwarden.net.loop import loop_factory
 from smtpwarden.net.replies import LocalReplies
+from smtpwarden.net.routing import Route, RouteTable
 from smtpwarden.net.session import Session
 from smtpwarden.net.sink import start_sink
 from smtpwarden.net.spooler import QueueRunner
@@ -94,14 +97,12 @@ class Relay:
         policy = ExtensionPolicy(chunking=True)
         replies = LocalReplies.for_host(config.hostname)
         for listener in config.listeners:
-            route = route_for(config, listener.name)
+            routes = _route_table(config, listener.name, targets)
             ctx = ListenerContext(
                 name=listener.name,
-                target=targets[route.upstreams[0]],
-                targets=tuple(targets[name] for name in route.upstreams),
-                delivery=route.policy,
-                route=route.name,
-                spool=self.spool if route.policy == "requeue" else None,
+                target=routes.default.targets[0],
+                routes=routes,
+                spool=self.spool,
                 health=self.health,
                 config=config,
                 records=self.records,
@@ -271,3 +272,20 @@ def run_relay(config: Config) -> int:
 
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main())
+
+
+def _route_table(config: Config, listener: str, targets: Mapping[str, Target]) -> RouteTable:
+    """The routes a listener's sessions follow, with their upstreams resolved."""
+
+    def resolve(route: RouteConfig) -> Route:
+        return Route(
+            name=route.name,
+            policy=route.policy,
+            targets=tuple(targets[name] for name in route.upstreams),
+        )
+
+    by_domain = [
+        (resolve(route), route.recipient_domains)
+        for route in domain_routes(config.routes, listener)
+    ]
+    return RouteTable(resolve(route_for(config, listener)), by_domain)

@@ -32,10 +32,19 @@ from typing import cast
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
 from smtpwarden.net.guarded import GuardedSession
-from smtpwarden.net.replay import Guard, phrases_of, transient
+from smtpwarden.net.replay import Guard, contradicts, phrases_of, transient
+from smtpwarden.net.routing import Route
 from smtpwarden.net.upstream import connect
 from smtpwarden.protocol.errors import LocalProtocolError, MalformedReply, RemoteProtocolError
-from smtpwarden.protocol.events import PAUSED, BadCommand, Bdat, Body, Command, Signal, Verb
+from smtpwarden.protocol.events import (
+    PAUSED,
+    BadCommand,
+    Bdat,
+    Body,
+    Command,
+    Signal,
+    Verb,
+)
 from smtpwarden.protocol.extensions import reconcile
 from smtpwarden.protocol.records import Peer, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import Reply, ReplyReader, reply_for
@@ -88,6 +97,7 @@ class Session(GuardedSession):
         # sends meanwhile waits in the core, unread by the pump.
         self._awaiting_end = False
         self._recipients = 0  # RCPTs sent in the current transaction
+        self._route: Route | None = None  # the current transaction's, once it has a RCPT
         self._stalled_since = 0.0  # when a full write buffer last paused a side
         self._lingering = False
         self._last_client = _now()
@@ -113,11 +123,16 @@ class Session(GuardedSession):
             upstream=self._upstream_record,
             tls=_NO_TLS,
         )
+        phrases = phrases_of(ctx.config.retry)
         replays = None
-        if ctx.delivery != "passthrough":
-            replays = functools.partial(transient, phrases=phrases_of(ctx.config.retry))
+        if ctx.routes.guarded:
+            replays = functools.partial(transient, phrases=phrases)
         self.tracker = SessionTracker(
-            info=info, now=_now(), epoch_offset=ctx.epoch_offset, replays=replays
+            info=info,
+            now=_now(),
+            epoch_offset=ctx.epoch_offset,
+            replays=replays,
+            contradicts=functools.partial(contradicts, phrases=phrases),
         )
         ctx.sessions.add(self)
         if len(ctx.sessions) > ctx.config.limits.max_connections:
@@ -212,6 +227,7 @@ class Session(GuardedSession):
         verb = command.verb
         replies = self.ctx.replies
         line = command.line
+        takes_over = False
         match verb:
             case Verb.XCLIENT | Verb.XFORWARD | Verb.STARTTLS | Verb.AUTH:
                 # XCLIENT and XFORWARD are smtpwarden's own to send upstream;
@@ -222,13 +238,17 @@ class Session(GuardedSession):
                 if self.ctx.draining and not self.tracker.in_transaction:
                     self._end(replies.shutting_down, "shutdown")
                     return
-                self._recipients = 0
-                self.guard.release()  # a held copy belongs to one transaction
+                self._new_transaction()
             case Verb.RCPT:
                 if self._recipients >= self.ctx.config.limits.max_recipients:
                     self._answer(command, verb, replies.too_many_recipients)
                     return
+                if not self._same_route(command):
+                    self._answer(command, verb, replies.other_route)
+                    return
                 self._recipients += 1
+                route = self._route or self.ctx.routes.default
+                takes_over = route.policy == "requeue" and self.ctx.config.retry.take_over_partial
             case Verb.BDAT:
                 assert isinstance(command, Bdat)  # noqa: S101 - the parser's type for BDAT
                 self._chunk_last = command.last
@@ -241,25 +261,23 @@ class Session(GuardedSession):
                 self._in_body = True
                 self._body_kind = "bdat"
                 line = command.wire
-                self.guard.hold("bdat")
+                self.guard.hold("bdat", self._route or self.ctx.routes.default)
             case Verb.DATA:
                 self._in_body = True
                 self._body_kind = "data"
-                self.guard.hold("data")
+                self.guard.hold("data", self._route or self.ctx.routes.default)
             case Verb.HELO:
                 self._chunking = False  # HELO offers no extensions (RFC 5321 4.1.1.1)
-                self._recipients = 0
-                self.guard.release()
+                self._new_transaction()
             case Verb.EHLO | Verb.RSET:
-                self._recipients = 0
-                self.guard.release()
+                self._new_transaction()
             case Verb.QUIT:
                 self._quitting = True
             case _:
                 pass
         upstream.write(line)
         self._upstream_bytes += len(line)
-        self.tracker.forwarded(command, _now())
+        self.tracker.forwarded(command, _now(), takes_over=takes_over)
 
     def _on_body(self, body: Body) -> None:
         upstream = self.upstream
@@ -287,7 +305,7 @@ class Session(GuardedSession):
                 held = None
         if body.done and (self._body_kind == "data" or self._chunk_last):
             self._in_body = False
-            self.tracker.end_of_body(_now())
+            self.tracker.end_of_body(_now(), replayable=held is not None)
             if held is not None:
                 # Nothing more is relayed until this message's end is
                 # answered: a replay's reply must reach the client before
@@ -312,7 +330,7 @@ class Session(GuardedSession):
     async def _connect(self) -> None:
         """Connect to the route's first usable upstream, failing over in order."""
         ctx = self.ctx
-        for target in ctx.health.order(ctx.targets):
+        for target in ctx.health.order(ctx.routes.default.targets):
             try:
                 await connect(target, self, ctx.config.timeouts.connect)
             except (OSError, TimeoutError) as error:
@@ -421,8 +439,10 @@ class Session(GuardedSession):
                 out.append(reply.raw)
                 self.gate.resume(Hold.CONNECT)
                 self._resume_pump = True
+            case Verb.RCPT if entry.takes_over:
+                out.append(self.ctx.replies.taken_over.raw)
             case _:
-                out.append(reply.raw)
+                out.append(self.ctx.replies.contradicted.raw if entry.contradicted else reply.raw)
                 if entry.body is not None:
                     self._release_held()
                 elif entry.verb is Verb.BDAT and reply.code // 100 != 2:

@@ -163,6 +163,9 @@ class TransactionRecord:
     helo: str | None
     mail_from: Address
     recipients: tuple[Address, ...]
+    # Recipients the upstream answered 4xx that the relay answered 250 and
+    # spooled (requeue with retry.take_over_partial).
+    taken_over: tuple[str, ...] = ()
     body: str | None
     size: int | None
     body_sha256: str | None

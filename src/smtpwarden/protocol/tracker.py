@@ -14,7 +14,6 @@ transaction ends in exactly one ``TransactionRecord``; the session ends in a
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
@@ -35,7 +34,14 @@ from smtpwarden.protocol.records import (
     text_of,
 )
 from smtpwarden.protocol.replies import Reply
-from smtpwarden.protocol.transaction import Awaiting, Replay, Transaction, dedupe_key, params_of
+from smtpwarden.protocol.transaction import (
+    Awaiting,
+    MessageDigest,
+    Replay,
+    Transaction,
+    params_of,
+    transaction_record,
+)
 
 # The session timeline keeps the commands outside transactions; a session
 # can run thousands of transactions, so only the first steps are kept.
@@ -44,8 +50,6 @@ MAX_SESSION_STEPS = 64
 # reach the upstream), DATA or BDAT and the end; past this many steps a
 # client sending NOOP in a loop only stops adding to it.
 MAX_TRANSACTION_STEPS = 2048
-# The DATA terminator's last octets, ".<CRLF>", are not part of the message.
-_DOT_CRLF = 3
 
 
 class SessionTracker:
@@ -58,6 +62,7 @@ class SessionTracker:
         now: float,
         epoch_offset: float = 0.0,
         replays: Callable[[Reply], bool] | None = None,
+        contradicts: Callable[[Reply], bool] | None = None,
     ) -> None:
         """Start tracking at ``now``.
 
@@ -67,9 +72,16 @@ class SessionTracker:
         requeue policies, whether the reply that ends a sent message calls
         for a replay: then the transaction stays open, ``replay`` says what
         to replay, and ``end_replay`` closes it.
+
+        ``contradicts`` says whether a 2xx reports a failure in its text or
+        enhanced code. Such a reply to the end of a message that is not
+        replayed ends the transaction as deferred, and its entry comes back
+        from ``upstream_reply`` with ``contradicted`` set: the client must
+        get a 4xx instead (PRODUCT.md, invariant 1).
         """
         self.info = info
         self._replays = replays
+        self._contradicts = contradicts
         self.replay: Replay | None = None
         self._epoch = epoch_offset
         self.started_at = now
@@ -81,12 +93,8 @@ class SessionTracker:
         self._tx: Transaction | None = None
         self._count = 0
         self._steps: list[Step] = []
-        # The message being sent: hashed as it streams, lagging three octets
-        # so the DATA terminator's ".<CRLF>" can be left out at the end.
-        self._body_kind: str | None = None
-        self._sha = hashlib.sha256()
-        self._size = 0
-        self._lag = b""
+        self._body_kind: str | None = None  # of the message being sent
+        self._digest = MessageDigest(data=False)
         self._last_bdat: Awaiting | None = None
 
     # -- what the queue holds ------------------------------------------------
@@ -107,8 +115,14 @@ class SessionTracker:
 
     # -- client to upstream --------------------------------------------------
 
-    def forwarded(self, command: Command, now: float) -> None:
-        """Record that ``command`` was sent upstream."""
+    def forwarded(self, command: Command, now: float, *, takes_over: bool = False) -> None:
+        """Record that ``command`` was sent upstream.
+
+        ``takes_over``, for a RCPT: a 4xx to it is answered 250 and the
+        recipient left to the spool, if the upstream accepted an earlier
+        one. ``upstream_reply`` returns its entry with ``takes_over`` still
+        True when that happened.
+        """
         verb = command.verb
         name = verb.value
         if isinstance(command, MailFrom):
@@ -120,7 +134,7 @@ class SessionTracker:
                 self._start_body("bdat")
             if command.last:
                 name = "BDAT LAST"
-        entry = Awaiting(name=name, verb=verb, sent_at=now, command=command)
+        entry = Awaiting(name=name, verb=verb, sent_at=now, command=command, takes_over=takes_over)
         if isinstance(command, Bdat):
             self._last_bdat = entry
         self._queue.append(entry)
@@ -144,28 +158,29 @@ class SessionTracker:
 
     def body(self, data: bytes | memoryview) -> None:
         """Account for message content sent upstream (the hot path)."""
-        size = len(data)
-        self._size += size
-        if self._body_kind == "data":
-            if size >= _DOT_CRLF:
-                view = memoryview(data)
-                self._sha.update(self._lag)
-                self._sha.update(view[:-_DOT_CRLF])
-                self._lag = bytes(view[-_DOT_CRLF:])
-            else:
-                lag = self._lag + bytes(data)
-                self._sha.update(lag[:-_DOT_CRLF])
-                self._lag = lag[-_DOT_CRLF:]
-        else:
-            self._sha.update(data)
+        self._digest.update(data)
 
-    def end_of_body(self, now: float) -> None:
-        """The message has been sent: DATA's terminator or BDAT LAST's chunk."""
+    def end_of_body(self, now: float, *, replayable: bool = True) -> None:
+        """The message has been sent: DATA's terminator or BDAT LAST's chunk.
+
+        ``replayable`` is False when no copy of the message is held (its
+        route is passthrough): its end is then never replayed.
+        """
+        body = self._digest.result()
         if self._body_kind == "data":
-            body = (self._size - _DOT_CRLF, self._sha.hexdigest())
-            self._queue.append(Awaiting(name=".", verb=None, sent_at=now, command=None, body=body))
+            self._queue.append(
+                Awaiting(
+                    name=".",
+                    verb=None,
+                    sent_at=now,
+                    command=None,
+                    body=body,
+                    replayable=replayable,
+                )
+            )
         elif self._last_bdat is not None:
-            self._last_bdat.body = (self._size, self._sha.hexdigest())
+            self._last_bdat.body = body
+            self._last_bdat.replayable = replayable
 
     # -- upstream to client --------------------------------------------------
 
@@ -224,15 +239,14 @@ class SessionTracker:
         self._queue.clear()
         if self._tx is not None:
             self._end_unanswered(failure, sent or self._tx.sent, now)
-        info = self.info
         return SessionRecord(
             type="session",
             time=iso_time(self.started_at + self._epoch),
-            session_id=info.session_id,
-            listener=info.listener,
-            client=info.client,
-            upstream=info.upstream,
-            tls=info.tls,
+            session_id=self.info.session_id,
+            listener=self.info.listener,
+            client=self.info.client,
+            upstream=self.info.upstream,
+            tls=self.info.tls,
             helo=self.helo,
             banner=self.banner,
             transactions=self._count,
@@ -256,9 +270,7 @@ class SessionTracker:
 
     def _start_body(self, kind: str | None) -> None:
         self._body_kind = kind
-        self._sha = hashlib.sha256()
-        self._size = 0
-        self._lag = b""
+        self._digest = MessageDigest(data=kind == "data")
         self._last_bdat = None
 
     def _step(self, entry: Awaiting, reply: Reply | None, now: float) -> None:
@@ -292,6 +304,7 @@ class SessionTracker:
             steps=[],
             mail_command=command,
             accepted=[],
+            taken_over=[],
         )
 
     def _answer(self, entry: Awaiting, reply: Reply, now: float) -> None:
@@ -324,9 +337,16 @@ class SessionTracker:
                     self.helo = text_of(command.argument)
             case Verb.RCPT:
                 self._step(entry, reply, now)
+                # Taken over only once the upstream has accepted another
+                # recipient: the message itself still goes through it.
+                taken = entry.takes_over and reply.code // 100 == 4
+                entry.takes_over = False
                 if tx is not None and isinstance(command, RcptTo):
                     if reply.code // 100 == 2:
                         tx.accepted.append(command)
+                    elif taken and tx.accepted:
+                        tx.taken_over.append(command)
+                        entry.takes_over = True
                     tx.recipients.append(
                         Address(
                             address=text_of(command.path),
@@ -367,10 +387,21 @@ class SessionTracker:
             and tx.sent is not None
             and tx.accepted
             and not tx.no_replay
-            and self._replays(reply)
+            and entry.replayable
         ):
-            tx.replaying = True
-            self.replay = self._replay_of(tx, reply)
+            if self._replays(reply):
+                tx.replaying = True
+                self.replay = self._replay_of(tx, reply)
+                return
+            if tx.taken_over and reply.code // 100 == 2:
+                # Delivered upstream; the 2xx waits until the spool has
+                # the recipients the relay took over (invariant 1).
+                tx.replaying = True
+                self.replay = replace(self._replay_of(tx, reply), delivered=True)
+                return
+        if reply.code // 100 == 2 and self._contradicts is not None and self._contradicts(reply):
+            entry.contradicted = True
+            self._finish(ReplyInfo.of(reply, local=False), Outcome.DEFERRED, now, tx.sent)
             return
         self._finish(ReplyInfo.of(reply, local=False), outcome_of(reply), now, tx.sent)
 
@@ -387,7 +418,7 @@ class SessionTracker:
         if not tx.accepted or tx.no_replay:
             return False
         entry = self._queue[0]
-        if entry.body is None:
+        if entry.body is None or not entry.replayable:
             return False
         self._queue.popleft()
         self._step(entry, None, now)
@@ -404,6 +435,7 @@ class SessionTracker:
             mail=tx.mail_command,
             recipients=tuple(tx.accepted),
             first_failure=failure,
+            taken_over=tuple(tx.taken_over),
             transaction_id=f"{self.info.session_id}.{tx.number}",
             sent=tx.sent,
         )
@@ -442,30 +474,15 @@ class SessionTracker:
         tx = self._tx
         assert tx is not None  # noqa: S101 - every caller checks
         self._tx = None
-        info = self.info
-        record = TransactionRecord(
-            type="transaction",
-            time=iso_time(tx.started_at + self._epoch),
-            session_id=info.session_id,
-            transaction_id=f"{info.session_id}.{tx.number}",
-            listener=info.listener,
-            client=info.client,
-            upstream=info.upstream,
-            tls=info.tls,
+        record = transaction_record(
+            tx,
+            self.info,
             helo=self.helo,
-            mail_from=tx.mail_from,
-            recipients=tuple(tx.recipients),
-            body=tx.body,
-            size=None if body is None else body[0],
-            body_sha256=None if body is None else body[1],
-            timeline=tuple(tx.steps),
-            final_reply=final,
+            started=tx.started_at + self._epoch,
+            final=final,
             outcome=outcome,
+            body=body,
             attempts=attempts,
-            duplicate_risk=tx.duplicate_risk,
-            dedupe_key=None
-            if body is None
-            else dedupe_key(tx.mail_command.line, [rcpt.line for rcpt in tx.accepted], body[1]),
             duration_ms=round((now - tx.started_at) * 1000, 3),
         )
         self.records.append(replace(record, diagnosis=diagnose(record)))
