@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from smtpwarden.protocol.errors import RemoteProtocolError
-from smtpwarden.protocol.events import BadCommand, Body, Command, Signal, Verb
+from smtpwarden.protocol.events import AuthResponse, BadCommand, Body, Command, Signal, Verb
 from smtpwarden.protocol.replies import Reply, ReplyReader
 from smtpwarden.protocol.server import ServerConnection
+from smtpwarden.protocol.state import ServerState
 
 
 def splits(data: bytes) -> Iterator[list[bytes]]:
@@ -25,8 +26,9 @@ def summarize_server(chunks: list[bytes], *, accept_data: bool = True) -> list[S
     """Feed a ServerConnection and describe what came out.
 
     Consecutive Body events are merged (how the body was cut depends on the
-    split); DATA is answered with 354 when ``accept_data`` is set. Errors
-    raised by the core end the list with ("error", reply bytes).
+    split); DATA is answered with 354 when ``accept_data`` is set. AUTH and
+    STARTTLS are taken as refused (commands follow). Errors raised by the
+    core end the list with ("error", reply bytes).
     """
     conn = ServerConnection()
     out: list[Summary] = []
@@ -40,7 +42,11 @@ def summarize_server(chunks: list[bytes], *, accept_data: bool = True) -> list[S
                 return out
             if isinstance(event, Signal):
                 if event is Signal.PAUSED:
-                    if accept_data:
+                    if conn.state is ServerState.AWAIT_AUTH:
+                        conn.auth_done()
+                    elif conn.state is ServerState.AWAIT_TLS:
+                        conn.refuse_tls()
+                    elif accept_data:
                         conn.start_data()
                     else:
                         conn.refuse_data()
@@ -56,6 +62,8 @@ def summarize_server(chunks: list[bytes], *, accept_data: bool = True) -> list[S
                     out.append(("body", data))
                 if event.done:
                     out.append(("done", b""))
+            elif isinstance(event, AuthResponse):
+                out.append(("response", event.line))
             elif isinstance(event, BadCommand):
                 out.append(("bad", event.error.reply_bytes()))
             elif isinstance(event, Command):

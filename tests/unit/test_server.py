@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -248,21 +250,49 @@ def test_body_chunks_are_not_copied() -> None:
     assert bytes(event.data) == b"end\r\n.\r\n"
 
 
+def resume(conn: ServerConnection, choice: int) -> None:
+    """Answer a pause as the shell might: ``choice`` picks the verdict."""
+    match conn.state:
+        case ServerState.AWAIT_DATA:
+            conn.start_data() if choice % 2 else conn.refuse_data()
+        case ServerState.AWAIT_AUTH:
+            conn.expect_auth_response() if choice % 2 else conn.auth_done()
+        case ServerState.AWAIT_TLS:
+            if choice % 2:
+                conn.discard()
+                conn.reset_after_tls()
+            else:
+                conn.refuse_tls()
+        case state:
+            raise AssertionError(f"paused in {state}")
+
+
 @settings(max_examples=300)
-@given(st.lists(st.binary(max_size=30), max_size=10), st.booleans())
-def test_any_input_yields_events_or_a_protocol_error(chunks: list[bytes], accept: bool) -> None:
-    # The upstream's verdict on DATA decides what follows: both paths.
-    conn = ServerConnection(max_line_bytes=40)
+@given(
+    # No empty binary beside integers: hash(b"") == hash(0), and Hypothesis
+    # would compare the two in its cache, a BytesWarning under -bb.
+    st.lists(
+        st.one_of(
+            st.binary(min_size=1, max_size=30),
+            st.sampled_from([b"", b"DATA\r\n", b"AUTH LOGIN\r\n", b"STARTTLS\r\n", b"*\r\n"]),
+        ),
+        max_size=10,
+    ),
+    st.lists(st.integers(0, 1), max_size=12),
+)
+def test_any_input_yields_events_or_a_protocol_error(
+    chunks: list[bytes], choices: list[int]
+) -> None:
+    # The verdict on DATA, AUTH and STARTTLS decides what follows: every path.
+    conn = ServerConnection(max_line_bytes=40, max_auth_line_bytes=40)
+    verdicts = iter(choices)
     try:
         for chunk in chunks:
             conn.receive_data(chunk)
             while True:
                 event = conn.next_event()
                 if event is PAUSED:
-                    if accept:
-                        conn.start_data()
-                    else:
-                        conn.refuse_data()
+                    resume(conn, next(verdicts, 1))
                     continue
                 if event is NEED_DATA:
                     break
@@ -341,3 +371,133 @@ def test_bdat_is_forwarded_in_canonical_form() -> None:
     assert isinstance(bdat, Bdat)
     assert bdat.wire == b"BDAT 5 LAST\r\n"
     assert (bdat.size, bdat.last) == (5, True)
+
+
+# -- STARTTLS (RFC 3207) ---------------------------------------------------------
+
+PIPELINED = b"MAIL FROM:<evil@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+
+
+def test_commands_pipelined_after_starttls_are_never_events() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"EHLO client.example\r\nSTARTTLS\r\n" + PIPELINED)
+    ehlo, starttls = conn.next_event(), conn.next_event()
+    assert isinstance(ehlo, Command)
+    assert isinstance(starttls, Command)
+    assert starttls.verb.value == "STARTTLS"
+    for _ in range(3):
+        assert conn.next_event() is PAUSED
+    assert conn.state is ServerState.AWAIT_TLS
+    assert conn.buffered == len(PIPELINED)
+    assert conn.discard() == len(PIPELINED)
+    assert conn.buffered == 0
+    assert conn.next_event() is PAUSED
+    assert conn.reset_after_tls() == 0
+    assert conn.state is ServerState.COMMAND
+    assert conn.next_event() is NEED_DATA
+    conn.receive_data(b"EHLO client.example\r\n")
+    again = conn.next_event()
+    assert isinstance(again, Command)
+    assert again.verb.value == "EHLO"
+
+
+def test_discard_drops_exactly_the_pipelined_octets_in_every_split() -> None:
+    head = b"EHLO client.example\r\nSTARTTLS\r\n"
+    for chunks in splits(head + PIPELINED):
+        conn = ServerConnection()
+        verbs = []
+        dropped = 0
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            while (event := conn.next_event()) is not NEED_DATA:
+                if event is PAUSED:
+                    # The shell discards at once; octets that come later, in
+                    # the clear, are discarded too.
+                    dropped += conn.discard()
+                    break
+                assert isinstance(event, Command)
+                verbs.append(event.verb.value)
+        assert verbs == ["EHLO", "STARTTLS"], chunks
+        assert dropped + conn.reset_after_tls() == len(PIPELINED), chunks
+
+
+def test_reset_after_tls_drops_what_came_in_the_clear_after_discard() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"STARTTLS\r\n")
+    conn.next_event()
+    assert conn.discard() == 0
+    conn.receive_data(b"NOOP\r\n")
+    assert conn.next_event() is PAUSED
+    assert conn.reset_after_tls() == len(b"NOOP\r\n")
+    assert conn.next_event() is NEED_DATA
+
+
+def test_reset_after_tls_starts_a_fresh_reader() -> None:
+    conn = ServerConnection(max_line_bytes=16)
+    conn.receive_data(b"STARTTLS\r\n" + b"x" * 40)
+    conn.next_event()
+    conn.discard()
+    conn.reset_after_tls()
+    # Nothing of the overlong line before TLS counts against the next one.
+    conn.receive_data(b"NOOP\r\n")
+    noop = conn.next_event()
+    assert isinstance(noop, Command)
+    assert noop.verb.value == "NOOP"
+
+
+def test_refused_starttls_goes_on_in_the_clear() -> None:
+    every_split(b"STARTTLS\r\nNOOP\r\n", [("STARTTLS", b"STARTTLS\r\n"), ("NOOP", b"NOOP\r\n")])
+    conn = ServerConnection()
+    conn.receive_data(b"STARTTLS\r\nNOOP\r\n")
+    conn.next_event()
+    assert conn.next_event() is PAUSED
+    conn.refuse_tls()
+    noop = conn.next_event()
+    assert isinstance(noop, Command)
+    assert noop.verb.value == "NOOP"
+
+
+def test_a_refused_starttls_line_does_not_pause() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"STARTTLS\nNOOP\r\n")
+    assert isinstance(conn.next_event(), BadCommand)
+    assert conn.state is ServerState.COMMAND
+    noop = conn.next_event()
+    assert isinstance(noop, Command)
+    assert noop.verb.value == "NOOP"
+
+
+@pytest.mark.parametrize(
+    "misuse",
+    [
+        ServerConnection.discard,
+        ServerConnection.reset_after_tls,
+        ServerConnection.refuse_tls,
+    ],
+    ids=["discard", "reset_after_tls", "refuse_tls"],
+)
+def test_tls_calls_out_of_turn_are_local_errors(
+    misuse: Callable[[ServerConnection], object],
+) -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"NOOP\r\n")
+    with pytest.raises(LocalProtocolError, match="not allowed"):
+        misuse(conn)
+    assert conn.state is ServerState.ERROR
+    conn = ServerConnection()
+    conn.receive_data(b"DATA\r\n")
+    conn.next_event()
+    with pytest.raises(LocalProtocolError):
+        misuse(conn)
+
+
+def test_auth_and_starttls_pause_like_data_in_every_split() -> None:
+    # summarize_server takes AUTH and STARTTLS as refused: commands follow.
+    every_split(
+        b"AUTH PLAIN\r\nSTARTTLS\r\nNOOP\r\n",
+        [
+            ("AUTH", b"AUTH PLAIN\r\n"),
+            ("STARTTLS", b"STARTTLS\r\n"),
+            ("NOOP", b"NOOP\r\n"),
+        ],
+    )

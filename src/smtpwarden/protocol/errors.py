@@ -3,7 +3,8 @@
 ``LocalProtocolError`` means smtpwarden misused the core (a bug); it never goes
 on the wire. ``RemoteProtocolError`` means the peer misbehaved; each one
 carries the SMTP reply it implies, so the shell can answer without inventing
-text, and never puts exception text on the wire.
+text, and never puts exception text on the wire. ``ProxyProtocolError`` is
+the peer's fault too, but implies no reply: the connection is closed.
 """
 
 from __future__ import annotations
@@ -59,6 +60,25 @@ class LineTooLong(RemoteProtocolError):
     text = "Line too long"
 
 
+class AuthLineTooLong(LineTooLong):
+    """An AUTH response line longer than RFC 4954 4 requires anyone to read.
+
+    The reply is RFC 4954 6's for a response past the buffer available.
+    """
+
+    code = 500
+    enhanced = "5.5.6"
+    text = "Authentication Exchange line is too long"
+
+
+class BadAuthResponse(RemoteProtocolError):
+    """An AUTH response line that is neither base64 nor ``*`` (RFC 4954 4)."""
+
+    code = 501
+    enhanced = "5.5.2"
+    text = "Cannot Base64-decode Client responses"
+
+
 class BareLineEnding(RemoteProtocolError):
     """A CR or LF that is not part of a CRLF pair (RFC 5321 2.3.8).
 
@@ -84,3 +104,12 @@ class MalformedReply(RemoteProtocolError):
     code = 451
     enhanced = "4.4.0"
     text = "Upstream server sent a malformed reply"
+
+
+class ProxyProtocolError(ProtocolError):
+    """A connection did not open with a valid PROXY protocol header.
+
+    HAProxy's proxy-protocol.txt (section 2.1) wants such a connection
+    aborted at once and never guessed at. Unlike a ``RemoteProtocolError``
+    it carries no SMTP reply: nothing is sent, the connection is closed.
+    """

@@ -3,12 +3,16 @@
 Events name what the client did. Each command event keeps ``line``, the
 exact bytes received (CRLF included), because the relay forwards those bytes
 unchanged; parsed fields are for decisions and records only.
+
+A field that may hold a credential (an AUTH line, an AUTH response, a refused
+line) is left out of ``repr()``, so that no log line or exception message
+built from an event shows a secret.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from smtpwarden.protocol.errors import RemoteProtocolError
 
@@ -78,14 +82,51 @@ class Bdat(Command):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Auth(Command):
+    """``AUTH mechanism [initial-response]`` (RFC 4954 4).
+
+    ``mechanism`` is the SASL mechanism name upper-cased, or "" when the
+    argument is not ``mechanism [initial-response]``; ``initial`` is the
+    initial response as sent (base64 text, ``b"="`` for an empty one), or
+    None. ``line``, ``argument`` and ``initial`` may hold a credential and
+    are kept out of ``repr()``.
+    """
+
+    argument: bytes = field(repr=False)
+    line: bytes = field(repr=False)
+    mechanism: str
+    initial: bytes | None = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthResponse:
+    """One line the client sent in answer to a 334 challenge (RFC 4954 4).
+
+    ``line`` is exactly what was received, CRLF included (base64 text, or
+    ``*`` to cancel), to be forwarded unchanged. It is a credential more
+    often than not: it never appears in ``repr()``.
+    """
+
+    line: bytes = field(repr=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """True if the client cancelled the exchange with ``*``."""
+        return self.line == b"*\r\n"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BadCommand:
     """A line the core refused; the client should get ``error.reply_bytes()``.
 
     Nothing of it may be forwarded. ``verb`` is set when the verb itself was
-    recognised (for records); ``line`` is capped to what was buffered.
+    recognised (for records), and is ``Verb.AUTH`` for a refused AUTH
+    response line. ``line`` is capped to what was buffered, empty for an AUTH
+    response line, and kept out of ``repr()``: a malformed AUTH line may
+    still hold a credential.
     """
 
-    line: bytes
+    line: bytes = field(repr=False)
     verb: Verb | None
     error: RemoteProtocolError
 
@@ -104,7 +145,7 @@ class Body:
     done: bool
 
 
-Event = Command | BadCommand | Body
+Event = Command | AuthResponse | BadCommand | Body
 
 
 class Signal(enum.Enum):

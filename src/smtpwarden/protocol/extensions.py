@@ -50,11 +50,19 @@ class Extensions:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ExtensionPolicy:
-    """What this listener lets the client use besides the allow-list."""
+    """What this session lets the client use besides the allow-list."""
 
     chunking: bool = True
+    # smtpwarden terminates the client's TLS itself: STARTTLS is offered
+    # whenever the listener has a certificate and the session is not yet
+    # encrypted, whatever the upstream says.
     starttls: bool = False
-    auth: bool = False
+    # AUTH passes through: offered with the mechanisms both the upstream and
+    # the listener allow, in the upstream's order; empty: not offered.
+    auth: tuple[str, ...] = ()
+    # The listener's limit (limits.max_message_bytes); 0: none. SIZE keeps
+    # the smaller of it and the upstream's (RFC 1870 4).
+    max_size: int = 0
 
 
 def parse_ehlo(reply: Reply) -> Extensions:
@@ -77,16 +85,42 @@ def reconcile(reply: Reply, policy: ExtensionPolicy) -> tuple[bytes, Extensions]
     if reply.code != 250:
         return reply.raw, offered
     kept = [reply.lines[0]]
+    changed = False
     for line in reply.lines[1:]:
-        keyword = line.partition(b" ")[0].decode("ascii", "replace").upper()
-        if (
-            keyword in _ALWAYS
-            or (keyword in _CHUNKING and policy.chunking)
-            or (keyword == "STARTTLS" and policy.starttls)
-            or (keyword == "AUTH" and policy.auth)
-        ):
+        word, _, params = line.partition(b" ")
+        keyword = word.decode("ascii", "replace").upper()
+        if keyword in _ALWAYS or (keyword in _CHUNKING and policy.chunking):
+            if keyword == "SIZE" and policy.max_size:
+                line = _size_line(params, policy.max_size)
+                changed = changed or line != word + b" " + params
             kept.append(line)
-    if len(kept) == len(reply.lines):
+        elif keyword == "AUTH" and policy.auth:
+            mechanisms = _mechanisms(params, policy.auth)
+            if mechanisms:
+                kept.append(b"AUTH " + mechanisms)
+            changed = True
+        else:
+            changed = True
+    if policy.starttls:
+        # smtpwarden's own, in place of any the upstream offered.
+        kept.append(b"STARTTLS")
+        changed = True
+    if not changed and len(kept) == len(reply.lines):
         return reply.raw, offered
     out = b"".join(b"250-" + line + b"\r\n" for line in kept[:-1])
     return out + b"250 " + kept[-1] + b"\r\n", offered
+
+
+def _size_line(params: bytes, limit: int) -> bytes:
+    """SIZE with the smaller limit; the upstream's "SIZE" or "SIZE 0" means none."""
+    value = params.strip()
+    upstream = int(value) if value.isdigit() and len(value) <= 18 else 0
+    size = limit if upstream == 0 else min(upstream, limit)
+    return b"SIZE %d" % size
+
+
+def _mechanisms(params: bytes, allowed: tuple[str, ...]) -> bytes:
+    """The upstream's AUTH mechanisms the listener allows, in the upstream's order."""
+    wanted = {name.encode("ascii") for name in allowed}
+    names = [name for name in params.upper().split() if name in wanted]
+    return b" ".join(dict.fromkeys(names))

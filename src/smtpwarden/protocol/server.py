@@ -10,22 +10,44 @@ next bytes are a message body (354) or more commands, so the shell calls
 ``start_data`` or ``refuse_data``. A BDAT chunk needs no such wait: its size
 says where it ends (RFC 3030 2).
 
+AUTH (RFC 4954 4) pauses the same way, after the command and after each
+response line: on a 334 the next line is a response, not a command, so the
+shell calls ``expect_auth_response`` and the next event is an
+``AuthResponse``; on any other reply (or its own refusal) it calls
+``auth_done``. STARTTLS (RFC 3207) pauses too: nothing the client pipelined
+after it is parsed until the shell either calls ``discard`` (section 5: such
+octets are never executed), does the handshake and calls
+``reset_after_tls`` (section 4.2: a fresh session), or calls ``refuse_tls``.
+
 Hot path: in DATA and BDAT each received chunk is handed on as the same
 object, or a memoryview of it, never joined or copied.
 """
 
 from __future__ import annotations
 
+import enum
+
+from smtpwarden.protocol.auth import RESPONSE_LINE, parse_auth_command
 from smtpwarden.protocol.body import DataReader
 from smtpwarden.protocol.commands import parse_command
+from smtpwarden.protocol.errors import (
+    AuthLineTooLong,
+    BadAuthResponse,
+    BareLineEnding,
+    LineTooLong,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from smtpwarden.protocol.errors import BadCommand as BadCommandError
-from smtpwarden.protocol.errors import BareLineEnding, LineTooLong, LocalProtocolError
 from smtpwarden.protocol.events import (
     NEED_DATA,
     PAUSED,
+    Auth,
+    AuthResponse,
     BadCommand,
     Bdat,
     Body,
+    Command,
     Event,
     Signal,
     Verb,
@@ -41,6 +63,18 @@ MAX_CHUNK_BYTES = 2**31 - 1
 # parameters all lengthen MAIL and RCPT). 2048 is Postfix's line_length_limit.
 MAX_COMMAND_LINE_BYTES = 2048
 
+# RFC 4954 4: every party must handle the largest base64 response of the
+# mechanisms it supports, "12288 octets for all IETF approved mechanisms" at
+# the time of writing. That much base64, plus the CRLF.
+MAX_AUTH_LINE_BYTES = 12288 + 2
+
+
+class _Flaw(enum.Enum):
+    """Why a complete line cannot be read as one."""
+
+    TOO_LONG = "too long"
+    BARE_LINE_ENDING = "bare CR or LF"
+
 
 class ServerConnection:
     """Reads one client's byte stream. See the module docstring."""
@@ -52,18 +86,25 @@ class ServerConnection:
         "_discarding",
         "_dropping_chunk",
         "_machine",
+        "_max_auth_line",
         "_max_line",
         "_pos",
     )
 
-    def __init__(self, *, max_line_bytes: int = MAX_COMMAND_LINE_BYTES) -> None:
+    def __init__(
+        self,
+        *,
+        max_line_bytes: int = MAX_COMMAND_LINE_BYTES,
+        max_auth_line_bytes: int = MAX_AUTH_LINE_BYTES,
+    ) -> None:
         self._buf = b""
         self._pos = 0
         self._machine = ServerMachine()
         self._data = DataReader()
         self._chunk_left = 0
         self._max_line = max_line_bytes
-        self._discarding = False  # dropping an overlong command line
+        self._max_auth_line = max_auth_line_bytes
+        self._discarding = False  # dropping an overlong line
         self._dropping_chunk = False  # dropping a refused BDAT chunk
 
     @property
@@ -87,6 +128,10 @@ class ServerConnection:
     def next_event(self) -> Event | Signal:
         """Return the next event, ``NEED_DATA`` or ``PAUSED``.
 
+        ``PAUSED`` comes after DATA, AUTH (and each AUTH response) and
+        STARTTLS, until the shell says what the upstream's reply (or its own
+        decision) means; see the module docstring.
+
         Raises ``BareLineEnding`` (a ``RemoteProtocolError``) when message
         data holds a bare CR or LF; the connection is then in ERROR and must
         be closed after sending ``error.reply_bytes()``. Raises
@@ -99,7 +144,9 @@ class ServerConnection:
                 return self._next_body()
             case ServerState.CHUNK:
                 return self._next_chunk()
-            case ServerState.AWAIT_DATA:
+            case ServerState.AUTH_RESPONSE:
+                return self._next_auth_response()
+            case ServerState.AWAIT_DATA | ServerState.AWAIT_AUTH | ServerState.AWAIT_TLS:
                 return PAUSED
             case ServerState.ERROR:
                 raise LocalProtocolError("the connection is in ERROR")
@@ -113,26 +160,89 @@ class ServerConnection:
         """DATA was refused: what follows are commands again."""
         self._machine.move(ServerInput.DATA_REFUSED)
 
-    def _next_command(self) -> Event | Signal:
+    def expect_auth_response(self) -> None:
+        """The upstream answered AUTH, or a response, with 334.
+
+        The next line is the client's response: the next event is an
+        ``AuthResponse`` (or a ``BadCommand`` with ``verb`` AUTH, after
+        which the reader is back to commands and the shell cancels the
+        exchange upstream).
+        """
+        self._machine.move(ServerInput.AUTH_CHALLENGE)
+
+    def auth_done(self) -> None:
+        """The AUTH exchange ended (any reply but 334): commands follow."""
+        self._machine.move(ServerInput.AUTH_ENDED)
+
+    def discard(self) -> int:
+        """Drop every buffered, unparsed octet after STARTTLS; return how many.
+
+        RFC 3207 5: what the client pipelined after STARTTLS must never be
+        executed. The reader stays paused until ``reset_after_tls``.
+        """
+        self._machine.move(ServerInput.DISCARD)
+        return self._drop()
+
+    def reset_after_tls(self) -> int:
+        """The TLS handshake is done: start again as a fresh session.
+
+        RFC 3207 4.2: nothing learnt before TLS is kept. Octets still
+        buffered (received in the clear after ``discard``) are dropped too;
+        returns how many.
+        """
+        self._machine.move(ServerInput.TLS_STARTED)
+        self._data.reset()
+        self._chunk_left = 0
+        self._discarding = False
+        self._dropping_chunk = False
+        return self._drop()
+
+    def refuse_tls(self) -> None:
+        """STARTTLS was refused: the session goes on in the clear."""
+        self._machine.move(ServerInput.TLS_REFUSED)
+
+    def _drop(self) -> int:
+        dropped = len(self._buf) - self._pos
+        self._buf = b""
+        self._pos = 0
+        return dropped
+
+    def _take_line(self, limit: int) -> tuple[bytes, _Flaw | None] | None:
+        """Take the next complete line, CRLF included; None until there is one.
+
+        A line longer than ``limit`` is not buffered past it: its octets are
+        dropped up to its LF, and what is left of it comes back as TOO_LONG.
+        """
         buf = self._buf
         pos = self._pos
         end = buf.find(b"\n", pos)
         if end < 0:
-            if len(buf) - pos > self._max_line:
+            if len(buf) - pos > limit:
                 # Stop buffering; drop octets up to the next LF, then reply.
                 self._discarding = True
                 self._buf = b""
                 self._pos = 0
-            return NEED_DATA
+            return None
         end += 1
         self._pos = end
         line = buf[pos:end]
-        if self._discarding or end - pos > self._max_line:
+        if self._discarding or end - pos > limit:
             self._discarding = False
-            error = LineTooLong(f"command line longer than {self._max_line} octets")
-            return BadCommand(line=line, verb=None, error=error)
+            return line, _Flaw.TOO_LONG
         if end - pos < 2 or buf[end - 2] != 13 or line.count(b"\r") != 1:  # 13 is CR
             # RFC 5321 2.3.8: a bare LF or CR is never a line ending here.
+            return line, _Flaw.BARE_LINE_ENDING
+        return line, None
+
+    def _next_command(self) -> Event | Signal:
+        taken = self._take_line(self._max_line)
+        if taken is None:
+            return NEED_DATA
+        line, flaw = taken
+        if flaw is _Flaw.TOO_LONG:
+            error = LineTooLong(f"command line longer than {self._max_line} octets")
+            return BadCommand(line=line, verb=None, error=error)
+        if flaw is _Flaw.BARE_LINE_ENDING:
             return BadCommand(
                 line=line, verb=None, error=BareLineEnding("bare CR or LF in command")
             )
@@ -148,9 +258,37 @@ class ServerConnection:
                     "BDAT chunk too large", code=552, enhanced="5.3.4", text="Chunk too large"
                 )
                 return BadCommand(line=line, verb=Verb.BDAT, error=refused)
-        elif not isinstance(event, BadCommand) and event.verb is Verb.DATA:
-            self._machine.move(ServerInput.DATA_COMMAND)
+        elif isinstance(event, Command):
+            match event.verb:
+                case Verb.DATA:
+                    self._machine.move(ServerInput.DATA_COMMAND)
+                case Verb.AUTH:
+                    self._machine.move(ServerInput.AUTH_COMMAND)
+                    return _auth_event(event)
+                case Verb.STARTTLS:
+                    self._machine.move(ServerInput.STARTTLS_COMMAND)
+                case _:
+                    pass
         return event
+
+    def _next_auth_response(self) -> Event | Signal:
+        taken = self._take_line(self._max_auth_line)
+        if taken is None:
+            return NEED_DATA
+        line, flaw = taken
+        error: RemoteProtocolError | None = None
+        if flaw is _Flaw.TOO_LONG:
+            error = AuthLineTooLong(f"AUTH response longer than {self._max_auth_line} octets")
+        elif flaw is _Flaw.BARE_LINE_ENDING:
+            error = BareLineEnding("bare CR or LF in AUTH response")
+        elif not RESPONSE_LINE.match(line):
+            error = BadAuthResponse("AUTH response is neither base64 nor *")
+        if error is not None:
+            # The line may hold a credential: none of it is kept.
+            self._machine.move(ServerInput.AUTH_RESPONSE_REFUSED)
+            return BadCommand(line=b"", verb=Verb.AUTH, error=error)
+        self._machine.move(ServerInput.END_OF_AUTH_RESPONSE)
+        return AuthResponse(line=line)
 
     def _next_body(self) -> Event | Signal:
         buf = self._buf
@@ -186,3 +324,14 @@ class ServerConnection:
             return self.next_event()
         whole = pos == 0 and size == len(buf)
         return Body(data=buf if whole else memoryview(buf)[pos : pos + size], done=done)
+
+
+def _auth_event(command: Command) -> Auth:
+    start = parse_auth_command(command.line)
+    return Auth(
+        verb=command.verb,
+        argument=command.argument,
+        line=command.line,
+        mechanism="" if start is None else start.mechanism,
+        initial=None if start is None else start.initial,
+    )
