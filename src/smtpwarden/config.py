@@ -10,8 +10,9 @@ duplicate names, references to unknown listeners or upstreams, and listeners
 matched by no route or by two. Each problem names its key path, what was
 expected and what was found, shown as it was written:
 `listeners[0].port: expected an integer 0-65535, got "abc"`. This module
-says what each setting must be, except the delivery sections, which it
-re-exports: `smtpwarden.configroutes` defines and reads routes, and
+says what each setting must be, except the sections it re-exports:
+`smtpwarden.configtls` defines and reads listeners and upstreams (with TLS,
+AUTH, PROXY protocol and access), `smtpwarden.configroutes` routes, and
 `smtpwarden.configdelivery` retry, health and spool. `smtpwarden.configcheck`
 holds the machinery that checks values and words the problems.
 
@@ -34,8 +35,6 @@ from typing import Final, Literal
 import yaml
 
 from smtpwarden.configcheck import (
-    FOLDER,
-    NAME,
     Checker,
     Choice,
     Flag,
@@ -45,11 +44,8 @@ from smtpwarden.configcheck import (
     Text,
     duplicate_keys,
     is_domain,
-    is_host,
     is_path,
-    join_key,
     show,
-    suggest,
     yaml_problem,
 )
 from smtpwarden.configdelivery import LOST_OUTCOMES as LOST_OUTCOMES
@@ -63,19 +59,22 @@ from smtpwarden.configroutes import POLICIES as POLICIES
 from smtpwarden.configroutes import Policy as Policy
 from smtpwarden.configroutes import RouteConfig as RouteConfig
 from smtpwarden.configroutes import find_route, read_routes
+from smtpwarden.configtls import DEFAULT_SINK_FOLDER as DEFAULT_SINK_FOLDER
+from smtpwarden.configtls import UPSTREAM_KINDS as UPSTREAM_KINDS
+from smtpwarden.configtls import ListenerConfig as ListenerConfig
+from smtpwarden.configtls import UpstreamConfig as UpstreamConfig
+from smtpwarden.configtls import UpstreamKind as UpstreamKind
+from smtpwarden.configtls import read_listeners, read_upstreams
 
 EventLoop = Literal["auto", "uvloop", "asyncio"]
-UpstreamKind = Literal["smtp", "sink"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 EVENT_LOOPS: Final[tuple[EventLoop, ...]] = ("auto", "uvloop", "asyncio")
-UPSTREAM_KINDS: Final[tuple[UpstreamKind, ...]] = ("smtp", "sink")
 LOG_LEVELS: Final[tuple[LogLevel, ...]] = ("debug", "info", "warning", "error")
 
 # 2525 is the customary unprivileged stand-in for port 25, so the default
 # configuration runs without root.
 DEFAULT_LISTEN_PORT: Final = 2525
-DEFAULT_SINK_FOLDER: Final = "./mail"
 CLI_SOURCE: Final = "<cli>"
 DEFAULT_SOURCE: Final = "<default>"
 
@@ -99,25 +98,6 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ListenerConfig:
-    name: str
-    host: str
-    port: int  # 0 asks the OS for an ephemeral port (tests)
-    # The name of an entry in Config.upstreams. Routing uses it only when the
-    # file has no routes: each listener then gets a passthrough route to it.
-    upstream: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class UpstreamConfig:
-    name: str
-    kind: UpstreamKind
-    host: str  # "127.0.0.1" for kind sink, which opens no connection
-    port: int  # 0 for kind sink
-    path: str | None  # kind sink: folder where captured mail is written; kind smtp: None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     # Past it, new clients get 421 4.7.0 and are disconnected.
     max_connections: int = 1000
@@ -136,6 +116,15 @@ class LimitsConfig:
     # Commands smtpwarden refuses itself before it closes the session with
     # 421 4.7.0; 20 is Postfix's smtpd_hard_error_limit.
     max_errors: int = 20
+    # Open connections from one client address; more get 421 4.7.0. 50 is
+    # Postfix's smtpd_client_connection_count_limit. 0: no limit.
+    max_connections_per_client: int = 50
+    # New connections from one client address per minute; more get 421
+    # 4.7.0. 0 (Postfix's smtpd_client_connection_rate_limit default): no limit.
+    connection_rate_per_minute: int = 0
+    # Largest message, from MAIL's SIZE and while it streams: 552 5.3.4.
+    # 10240000 is Postfix's message_size_limit. 0: no limit.
+    max_message_bytes: int = 10240000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,19 +174,13 @@ class Config:
 
 # --- What each setting must be ---------------------------------------------
 
-_HOST: Final = Text("a host name or IP address (IPv6 without brackets)", is_host)
 _DOMAIN: Final = Text("a domain name", is_domain)
 _LOG_TARGET: Final = Text('"-" (standard output) or a file path', is_path)
-_LISTEN_PORT: Final = Integer(0, 65535)
-_UPSTREAM_PORT: Final = Integer(1, 65535)
 _EVENT_LOOP: Final = Choice(EVENT_LOOPS)
-_KIND: Final = Choice(UPSTREAM_KINDS)
 _LEVEL: Final = Choice(LOG_LEVELS)
 _FLAG: Final = Flag()
 
 # The YAML keys of each section are the fields of its dataclass.
-_LISTENER_KEYS: Final = tuple(field.name for field in dataclasses.fields(ListenerConfig))
-_UPSTREAM_KEYS: Final = tuple(field.name for field in dataclasses.fields(UpstreamConfig))
 _LOG_KEYS: Final = tuple(field.name for field in dataclasses.fields(LogConfig))
 _TOP_KEYS: Final = tuple(
     field.name for field in dataclasses.fields(Config) if field.name != "source"
@@ -213,6 +196,9 @@ _LIMIT_RULES: Final[Mapping[str, Rule[int]]] = {
     "max_pipelined_commands": Integer(1),
     "max_recipients": Integer(100),
     "max_errors": Integer(1),
+    "max_connections_per_client": Integer(0),
+    "connection_rate_per_minute": Integer(0),
+    "max_message_bytes": Integer(0),
 }
 _TIMEOUT_RULES: Final[Mapping[str, Rule[float]]] = {
     field.name: Seconds(allow_zero=False) for field in dataclasses.fields(TimeoutsConfig)
@@ -224,80 +210,6 @@ _SHUTDOWN_RULES: Final[Mapping[str, Rule[float]]] = {
 
 
 # --- Sections --------------------------------------------------------------
-
-
-def _upstreams(
-    check: Checker, top: Mapping[str, object]
-) -> tuple[tuple[UpstreamConfig, ...], list[str] | None]:
-    """Return the upstreams, and every upstream name if all of them could be read.
-
-    Listeners are checked against those names only when they are all known, so
-    that one broken upstream does not also make every reference look wrong.
-    """
-    before = len(check.found)
-    items = check.items(top, "upstreams", "upstream", _UPSTREAM_KEYS)
-    names_known = len(check.found) == before
-    names: list[tuple[str, str]] = []
-    upstreams: list[UpstreamConfig] = []
-    for i, path, section in items:
-        before = len(check.found)
-        name = check.value(section, "name", path, NAME, f"upstream{i}")
-        names_known = names_known and len(check.found) == before
-        names.append((join_key(path, "name") if "name" in section else path, name))
-        # None when kind is given but invalid, so that nothing else is required.
-        kind = check.value(section, "kind", path, _KIND, None) if "kind" in section else "smtp"
-        if kind == "sink":
-            # host and port mean nothing to a sink and are ignored.
-            folder = check.value(section, "path", path, FOLDER, DEFAULT_SINK_FOLDER)
-            upstreams.append(
-                UpstreamConfig(name=name, kind=kind, host="127.0.0.1", port=0, path=folder)
-            )
-        elif kind == "smtp":
-            host = check.required(section, "host", path, _HOST, "")
-            port = check.required(section, "port", path, _UPSTREAM_PORT, 0)
-            if "path" in section:
-                check.report(join_key(path, "path"), 'only allowed when kind is "sink"')
-            upstreams.append(UpstreamConfig(name=name, kind=kind, host=host, port=port, path=None))
-        else:  # kind already reported: check what is there, require nothing
-            check.value(section, "host", path, _HOST, "")
-            check.value(section, "port", path, _UPSTREAM_PORT, 0)
-            check.value(section, "path", path, FOLDER, "")
-    check.unique("upstream name", names)
-    return tuple(upstreams), [name for _, name in names] if names_known else None
-
-
-def _listeners(
-    check: Checker, top: Mapping[str, object], upstream_names: list[str] | None
-) -> tuple[tuple[ListenerConfig, ...], list[str] | None]:
-    """Return the listeners, and every listener name if all of them could be read.
-
-    Routes are checked against those names only when they are all known.
-    """
-    default_upstream = upstream_names[0] if upstream_names else ""
-    listeners: list[ListenerConfig] = []
-    names: list[tuple[str, str]] = []
-    addresses: list[tuple[str, str]] = []
-    items = check.items(top, "listeners", "listener", _LISTENER_KEYS)
-    raw = top.get("listeners")
-    names_known = isinstance(raw, list) and len(items) == len(raw)  # every one a mapping
-    for i, path, section in items:
-        before = len(check.found)
-        name = check.value(section, "name", path, NAME, f"listener{i}")
-        names_known = names_known and len(check.found) == before
-        host = check.value(section, "host", path, _HOST, "127.0.0.1")
-        port = check.required(section, "port", path, _LISTEN_PORT, 0)
-        upstream = check.value(section, "upstream", path, NAME, default_upstream)
-        if upstream_names is not None and upstream not in upstream_names:
-            hint = suggest(upstream, upstream_names)
-            check.report(join_key(path, "upstream"), f"no upstream named {show(upstream)}{hint}")
-        names.append((join_key(path, "name") if "name" in section else path, name))
-        if port != 0:  # port 0 binds a fresh ephemeral port each time
-            shown_host = f"[{host}]" if ":" in host else host
-            addresses.append((path, f"{shown_host}:{port}"))
-        listeners.append(ListenerConfig(name=name, host=host, port=port, upstream=upstream))
-    check.unique("listener name", names)
-    check.unique("listening address", addresses)
-    return tuple(listeners), [name for _, name in names] if names_known else None
 
 
 def _implicit_routes(listeners: Iterable[ListenerConfig]) -> tuple[RouteConfig, ...]:
@@ -340,8 +252,8 @@ def parse_config(data: object, *, source: str) -> Config:
         raise ConfigError(source, check.problems)
     event_loop: EventLoop = check.value(top, "event_loop", "", _EVENT_LOOP, "auto")
     hostname = check.value(top, "hostname", "", _DOMAIN, "") or socket.getfqdn()
-    upstreams, upstream_names = _upstreams(check, top)
-    listeners, listener_names = _listeners(check, top, upstream_names)
+    upstreams, upstream_names = read_upstreams(check, top)
+    listeners, listener_names = read_listeners(check, top, upstream_names)
     routes = read_routes(check, top, listener_names, upstream_names)
     retry = read_retry(check, top)
     health = read_health(check, top)

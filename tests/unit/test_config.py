@@ -36,6 +36,7 @@ from smtpwarden.config import (
     simple_config,
 )
 from smtpwarden.configroutes import domain_routes, find_route
+from smtpwarden.configtls import UpstreamTls
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -72,6 +73,9 @@ def problems(sections: Mapping[object, object]) -> tuple[str, ...]:
         pytest.param("limits.max_pipelined_commands", 100, id="max_pipelined_commands"),
         pytest.param("limits.max_recipients", 1000, id="max_recipients"),
         pytest.param("limits.max_errors", 20, id="max_errors"),
+        pytest.param("limits.max_connections_per_client", 50, id="max_connections_per_client"),
+        pytest.param("limits.connection_rate_per_minute", 0, id="connection_rate_per_minute"),
+        pytest.param("limits.max_message_bytes", 10240000, id="max_message_bytes"),
         pytest.param("timeouts.connect", 30.0, id="connect"),
         pytest.param("timeouts.banner", 300.0, id="banner"),
         pytest.param("timeouts.command", 300.0, id="command"),
@@ -89,9 +93,23 @@ def problems(sections: Mapping[object, object]) -> tuple[str, ...]:
         pytest.param("listeners.0.name", "listener0", id="listener-name"),
         pytest.param("listeners.0.host", "127.0.0.1", id="listener-host"),
         pytest.param("listeners.0.upstream", "upstream0", id="listener-upstream"),
+        pytest.param("listeners.0.tls", None, id="listener-tls"),
+        pytest.param("listeners.0.auth", None, id="listener-auth"),
+        pytest.param("listeners.0.proxy_protocol", None, id="listener-proxy_protocol"),
+        pytest.param("listeners.0.allow", (), id="listener-allow"),
         pytest.param("upstreams.0.name", "upstream0", id="upstream-name"),
         pytest.param("upstreams.0.kind", "smtp", id="upstream-kind"),
         pytest.param("upstreams.0.path", None, id="upstream-path"),
+        pytest.param("upstreams.0.tls.mode", "none", id="upstream-tls-mode"),
+        pytest.param("upstreams.0.tls.required", True, id="upstream-tls-required"),
+        pytest.param("upstreams.0.tls.verify", True, id="upstream-tls-verify"),
+        pytest.param("upstreams.0.tls.ca_file", None, id="upstream-tls-ca_file"),
+        pytest.param("upstreams.0.tls.server_name", None, id="upstream-tls-server_name"),
+        pytest.param("upstreams.0.tls.certificate", None, id="upstream-tls-certificate"),
+        pytest.param("upstreams.0.tls.key", None, id="upstream-tls-key"),
+        pytest.param("upstreams.0.tls.min_version", "1.2", id="upstream-tls-min_version"),
+        pytest.param("upstreams.0.xclient", False, id="upstream-xclient"),
+        pytest.param("upstreams.0.xforward", False, id="upstream-xforward"),
         pytest.param("source", "test.yaml", id="source"),
         pytest.param("routes.0.name", "listener0", id="route-name"),
         pytest.param("routes.0.listeners", ("listener0",), id="route-listeners"),
@@ -1624,6 +1642,9 @@ def test_full_example_shows_every_key_with_its_default() -> None:
     assert set(data["listeners"][0]) == listener_keys
     upstream_keys = {field.name for field in dataclasses.fields(UpstreamConfig)}
     assert set(data["upstreams"][0]) | set(data["upstreams"][1]) == upstream_keys
+    assert set(data["upstreams"][0]["tls"]) == {
+        field.name for field in dataclasses.fields(UpstreamTls)
+    }
     # recipient_domains is shown in the commented domain route (see below).
     route_keys = {field.name for field in dataclasses.fields(RouteConfig)}
     assert set(data["routes"][0]) == route_keys - {"recipient_domains"}
@@ -1636,6 +1657,15 @@ def test_full_example_shows_every_key_with_its_default() -> None:
         assert set(section) == {field.name for field in dataclasses.fields(keys)}
     config = load_config(CONFIGS / "smtpwarden.yaml")
     assert config.event_loop == "auto"
+    listener = config.listeners[0]
+    assert (listener.tls, listener.auth, listener.proxy_protocol, listener.allow) == (
+        None,
+        None,
+        None,
+        (),
+    )
+    upstream = config.upstreams[0]
+    assert (upstream.tls, upstream.xclient, upstream.xforward) == (UpstreamTls(), False, False)
     assert config.limits == LimitsConfig()
     assert config.timeouts == TimeoutsConfig()
     assert config.shutdown == ShutdownConfig()
@@ -1689,26 +1719,33 @@ def test_full_example_documents_every_key() -> None:
     for section, keys in [
         ("listeners[]", ListenerConfig),
         ("upstreams[]", UpstreamConfig),
+        ("upstreams[].tls", UpstreamTls),
         ("routes[]", RouteConfig),
         ("retry", RetryConfig),
         ("health", HealthConfig),
         ("spool", SpoolConfig),
         ("spool.backoff", BackoffConfig),
+        ("limits", LimitsConfig),
     ]:
         for field in dataclasses.fields(keys):
-            if field.name not in ("backoff", "recipient_domains"):
+            if f"{section}.{field.name}" not in ("upstreams[].tls", "spool.backoff") and (
+                field.name != "recipient_domains"
+            ):
                 assert f"{section}.{field.name}" in documented
 
 
-def commented_route(text: str) -> tuple[str, str]:
-    """Return the comment above the full example's commented route, and the route uncommented."""
+def commented_route(text: str, name: str = "partners") -> tuple[str, str]:
+    """Return the comment above a commented list item of the full example, and the item uncommented.
+
+    The item is the one whose first line is "  # - name: NAME".
+    """
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("  # - "))
+    start = lines.index(f"  # - name: {name}")
     end = start
     while end < len(lines) and lines[end].startswith(("  # - ", "  #   ")):
         end += 1
     first = start
-    while lines[first - 1].startswith("  # "):
+    while lines[first - 1].startswith("  # ") and not lines[first - 1].startswith("  #   "):
         first -= 1
     comment = " ".join(line.removeprefix("  # ") for line in lines[first:start])
     route = "\n".join(line.removeprefix("  # ") for line in lines[start:end])

@@ -60,6 +60,7 @@ ALLOWED = {
     "configcheck": set(),
     "configdelivery": {"smtpwarden.configcheck"},
     "configroutes": {"smtpwarden.configcheck"},
+    "configtls": {"smtpwarden.configcheck"},
     "observe": {"smtpwarden.protocol"},
     "spool": {"smtpwarden.protocol"},
 }
