@@ -8,12 +8,15 @@ and per session.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from integration.external_tools import SmtpSink, require_tool
+from integration.postfix_instance import PostfixInstance, private_folder, require_postfix
 from integration.recording_upstreams import AiosmtpdUpstream, RawUpstream
 from integration.relay_harness import (
     STOP_TIMEOUT_S,
@@ -121,3 +124,38 @@ def swaks() -> str:
 @pytest.fixture
 def smtp_source() -> str:
     return require_tool("smtp-source")
+
+
+@pytest.fixture
+def make_postfix_upstream(tmp_path: Path) -> Iterator[Callable[..., PostfixInstance]]:
+    """Start private Postfix instances (keyword arguments of ``PostfixInstance``).
+
+    After the test each is stopped, whatever happened, and its folder removed;
+    its mail log is kept in ``tmp_path`` to look at after a failure.
+    """
+    with contextlib.ExitStack() as cleanup:
+
+        def make(**kwargs: object) -> PostfixInstance:
+            require_postfix()
+            folder = private_folder()
+            cleanup.callback(shutil.rmtree, folder, ignore_errors=True)
+            instance = PostfixInstance(folder, **kwargs)  # type: ignore[arg-type]
+            cleanup.callback(instance.save_maillog, tmp_path / f"{folder.name}.maillog")
+            cleanup.callback(instance.stop)
+            instance.start()
+            return instance
+
+        yield make
+
+
+@pytest.fixture
+def postfix_upstream(
+    aiosmtpd_upstream: AiosmtpdUpstream,
+    make_postfix_upstream: Callable[..., PostfixInstance],
+) -> PostfixInstance:
+    """A private Postfix that hands every message it accepts to ``aiosmtpd_upstream``.
+
+    The recorder comes first among the arguments so that it is set up first
+    and closed last, after Postfix has stopped.
+    """
+    return make_postfix_upstream(relayhost=("127.0.0.1", aiosmtpd_upstream.port))

@@ -330,7 +330,8 @@ def test_ehlo_drops_what_the_relay_cannot_honour(
 def test_ehlo_of_aiosmtpd_passes_unchanged(
     start_relay: StartRelay, aiosmtpd_upstream: AiosmtpdUpstream
 ) -> None:
-    relay = start_relay(aiosmtpd_upstream.config)
+    # Without a size limit of its own, the relay keeps the upstream's SIZE.
+    relay = start_relay(aiosmtpd_upstream.config, limits={"max_message_bytes": 0})
     with WireClient(relay.address()) as client:
         relayed = greet(client)
     assert relayed == direct_ehlo(aiosmtpd_upstream.port)

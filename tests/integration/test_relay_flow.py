@@ -120,7 +120,7 @@ def relay_state(relay: RunningRelay) -> tuple[bool, int, int]:
 def test_a_stalled_upstream_pauses_the_client_instead_of_buffering(
     start_relay: StartRelay, stalling_upstream: StallingUpstream
 ) -> None:
-    relay = start_relay(stalling_upstream.config)
+    relay = start_relay(stalling_upstream.config, limits={"max_message_bytes": 0})
     line = b"x" * 998 + b"\r\n"
     body = line * (BIG_BODY_BYTES // len(line))
     with WireClient(relay.address(), timeout=WAIT_S * 3) as client:

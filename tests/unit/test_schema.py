@@ -477,12 +477,12 @@ def test_step_commands_are_the_verbs_plus_markers() -> None:
     assert values == {verb.value for verb in Verb} | {"CONNECT", ".", "BDAT LAST", "UNKNOWN"}
 
 
-SESSION_MODULES = ("session", "ending", "guarded")
+SESSION_MODULES = ("session", "ending", "guarded", "secure", "upstreamleg")
 
 
 def _end_reasons_in_session_module() -> set[str]:
     """String literals passed as the end reason in the session's modules."""
-    position = {"_end": 1, "_client_gone": 0, "_upstream_failed": 1}
+    position = {"_end": 1, "_client_gone": 0, "_upstream_failed": 1, "_refuse_silently": 0}
     reasons: set[str] = set()
     for name in SESSION_MODULES:
         spec = importlib.util.find_spec(f"smtpwarden.net.{name}")

@@ -6,11 +6,13 @@ except ``draining``, which the relay sets when it shuts down.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from smtpwarden.config import Config
+from smtpwarden.config import Config, ListenerConfig
+from smtpwarden.net.admission import Admission
 from smtpwarden.net.replies import LocalReplies
 from smtpwarden.net.routing import RouteTable
 from smtpwarden.net.upstream import Health, Target
@@ -28,6 +30,9 @@ class ListenerContext:
     """What every session of one listener shares."""
 
     name: str
+    listener: ListenerConfig
+    tls_context: ssl.SSLContext | None  # the listener's certificate, when it has tls
+    admission: Admission  # per-address limits, shared by every listener
     target: Target  # where sessions connect: the listener route's first upstream
     routes: RouteTable  # the listener's route, and the recipient-domain routes on it
     spool: Spool | None  # where requeue puts what its replays could not deliver
@@ -35,7 +40,8 @@ class ListenerContext:
     config: Config
     records: RecordLog
     sessions: set[Session]
-    policy: ExtensionPolicy
+    policy_plain: ExtensionPolicy  # what EHLO offers before TLS
+    policy_tls: ExtensionPolicy  # and once the client's connection is encrypted
     replies: LocalReplies
     epoch_offset: float
     next_id: Callable[[], str]

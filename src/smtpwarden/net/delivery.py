@@ -6,6 +6,9 @@ workers drain queued messages through the same client (PRODUCT.md,
 EHLO (HELO when EHLO gets a 5xx), sends MAIL and the RCPTs (in one write
 when the upstream offers PIPELINING, RFC 2920), then the message by DATA or
 ``BDAT <size> LAST`` (RFC 3030), reads the final reply, and ends with QUIT.
+With TLS the connection (``net.deliverylink``) is TLS from the first octet
+(implicit TLS) or secured by STARTTLS before the envelope, the EHLO after
+the handshake being the one the session relies on.
 
 Rule 1: ``deliver`` never raises for network or peer trouble: every early
 stop is an ``Attempt`` whose ``error`` says why. Only bugs raise (an
@@ -22,24 +25,23 @@ streams serve.
 
 from __future__ import annotations
 
-import asyncio
 import re
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from smtpwarden.config import LimitsConfig, TimeoutsConfig
-from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES
+from smtpwarden.configtls import UpstreamTls
+from smtpwarden.net.deliverylink import Link, Stop, TlsPlan, connect, secure
 from smtpwarden.net.upstream import Target
 from smtpwarden.protocol.commands import parse_command
-from smtpwarden.protocol.errors import BareLineEnding, MalformedReply
+from smtpwarden.protocol.errors import BareLineEnding
 from smtpwarden.protocol.events import BadCommand, Command, MailFrom, RcptTo
 from smtpwarden.protocol.extensions import Extensions, parse_ehlo
-from smtpwarden.protocol.replies import Reply, ReplyReader
+from smtpwarden.protocol.replies import Reply
 from smtpwarden.protocol.stuffing import stuff
 
-# Octets asked of the socket per read: asyncio's own stream buffer size.
-READ_BYTES = 64 * 1024
 # The outcome is known before QUIT, so its 221 is waited for only briefly.
 # RFC 5321 4.1.1.10 asks the client to wait for it, and sets no bound.
 QUIT_WAIT_S = 5.0
@@ -102,7 +104,8 @@ class Attempt:
     DATA terminator or ``BDAT LAST``). ``sent`` says the whole message, end
     marker or last chunk included, was written: ``final`` missing then means
     the outcome is lost (RFC 1047). ``error`` says why the attempt stopped
-    early, None when it reached its final reply.
+    early, None when it reached its final reply. ``tls`` is the TLS version
+    and cipher once TLS is up ("TLSv1.3 TLS_AES_256_GCM_SHA384").
     """
 
     upstream: str
@@ -114,6 +117,7 @@ class Attempt:
     final: Reply | None
     sent: bool
     error: str | None
+    tls: str | None = None
 
     @property
     def accepted(self) -> tuple[int, ...]:
@@ -134,29 +138,35 @@ async def deliver(
     hostname: str,
     timeouts: TimeoutsConfig,
     limits: LimitsConfig,
+    tls: UpstreamTls | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> Attempt:
     """Deliver ``message`` to ``target`` on a fresh connection.
 
+    ``tls`` is the upstream's TLS setting and ``context`` the one built from
+    it by ``net.tls.client_context``, needed unless the mode is "none";
+    both default to the target's own.
     Returns the ``Attempt``. Never raises for network or peer trouble;
-    raises ValueError for a bad ``hostname`` or a message source that breaks
-    its framing. Cancellation propagates, with the connection aborted.
+    raises ValueError for a bad ``hostname``, a missing ``context`` or a
+    message source that breaks its framing. Cancellation propagates, with
+    the connection aborted.
     """
     greeting = hostname.encode("utf-8")
     if not _HOST_NAME.fullmatch(greeting):
         raise ValueError(f"not a host name: {hostname!r}")
+    if tls is None:
+        tls, context = target.tls, target.context
+    plan = TlsPlan.build(target, tls, context)
     progress = _Progress(upstream=target.name, recipients=[None] * len(envelope.recipients))
     try:
-        async with asyncio.timeout(timeouts.connect):
-            reader, writer = await asyncio.open_connection(target.host, target.port)
-    except TimeoutError:
-        return progress.stop(f"connect: no connection within {timeouts.connect:g} s")
-    except OSError as error:
-        return progress.stop(f"connect: {error.strerror or error}")
+        link = await connect(target, plan, limits, timeouts.connect)
+    except Stop as stop:
+        return progress.stop(stop.reason)
     progress.connected = True
-    link = _Link(reader, writer, limits)
+    progress.tls = link.tls()
     try:
-        await _transaction(link, progress, envelope, message, greeting, timeouts)
-    except _Stop as stop:
+        await _transaction(link, progress, envelope, message, hostname, timeouts, plan)
+    except Stop as stop:
         progress.error = stop.reason
         if not stop.polite:
             link.abort()
@@ -166,19 +176,6 @@ async def deliver(
         raise
     await link.quit(min(QUIT_WAIT_S, timeouts.reply))
     return progress.attempt()
-
-
-class _Stop(Exception):
-    """Ends an attempt early; ``reason`` becomes ``Attempt.error``.
-
-    ``polite`` when the upstream is still in step with us (it refused
-    something): the session then ends with QUIT rather than an abort.
-    """
-
-    def __init__(self, reason: str, *, polite: bool = False) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.polite = polite
 
 
 @dataclass(slots=True, kw_only=True)
@@ -194,6 +191,7 @@ class _Progress:
     final: Reply | None = None
     sent: bool = False
     error: str | None = None
+    tls: str | None = None
 
     def stop(self, error: str) -> Attempt:
         self.error = error
@@ -210,105 +208,35 @@ class _Progress:
             final=self.final,
             sent=self.sent,
             error=self.error,
+            tls=self.tls,
         )
-
-
-class _Link:
-    """One upstream connection: writes with backpressure, replies by deadline."""
-
-    __slots__ = ("_reader", "_replies", "_writer")
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: LimitsConfig
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._replies = ReplyReader(
-            max_line_bytes=limits.max_reply_line_bytes, max_lines=limits.max_reply_lines
-        )
-        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
-
-    def write(self, data: bytes | memoryview) -> None:
-        """Queue octets; ``drain`` applies the backpressure."""
-        self._writer.write(data)
-
-    async def drain(self, what: str, timeout_s: float) -> None:
-        """Wait until the write buffer is below its high-water mark."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._writer.drain()
-        except TimeoutError:
-            raise _Stop(f"timeout sending {what}") from None
-        except OSError:
-            raise _Stop(f"connection lost sending {what}") from None
-
-    async def send(self, data: bytes, what: str, timeout_s: float) -> None:
-        self.write(data)
-        await self.drain(what, timeout_s)
-
-    async def reply(self, step: str, timeout_s: float) -> Reply:
-        """Read the reply to ``step`` (or the banner) within ``timeout_s`` seconds.
-
-        Raises ``_Stop`` on timeout, end of stream or a malformed reply.
-        """
-        awaited = step if step == "banner" else f"reply to {step}"
-        try:
-            async with asyncio.timeout(timeout_s):
-                while (reply := self._replies.next_reply()) is None:
-                    data = await self._reader.read(READ_BYTES)
-                    if not data:
-                        raise _Stop(f"connection lost waiting for {awaited}")
-                    self._replies.receive_data(data)
-        except TimeoutError:
-            raise _Stop(f"timeout waiting for {awaited}") from None
-        except MalformedReply as error:
-            raise _Stop(f"malformed reply: {error} ({awaited})") from None
-        except OSError:
-            raise _Stop(f"connection lost waiting for {awaited}") from None
-        return reply
-
-    async def quit(self, wait_s: float) -> None:
-        """Send QUIT, wait briefly for its reply and the close; never raises.
-
-        Each wait is bounded by ``wait_s``; past it the connection is aborted.
-        """
-        try:
-            await self.send(b"QUIT\r\n", "QUIT", wait_s)
-            await self.reply("QUIT", wait_s)
-            self._writer.close()
-            async with asyncio.timeout(wait_s):
-                await self._writer.wait_closed()
-        except (_Stop, OSError):  # TimeoutError is an OSError
-            self.abort()
-        except BaseException:
-            self.abort()
-            raise
-
-    def abort(self) -> None:
-        """Drop the connection at once, unsent octets included."""
-        self._writer.transport.abort()
 
 
 async def _transaction(
-    link: _Link,
+    link: Link,
     progress: _Progress,
     envelope: Envelope,
     message: MessageSource,
-    greeting: bytes,
+    hostname: str,
     timeouts: TimeoutsConfig,
+    plan: TlsPlan | None,
 ) -> None:
-    """Run the session up to the final reply; raises ``_Stop`` to end early."""
+    """Run the session up to the final reply; raises ``Stop`` to end early."""
     progress.banner = banner = await link.reply("banner", timeouts.banner)
     if not _ok(banner):
         # RFC 5321 3.1: a server that greets with 554 "MUST still wait for
         # the client to send a QUIT" before it closes the connection.
-        raise _Stop(f"banner {_brief(banner)}", polite=True)
-    offered = await _greet(link, greeting, timeouts)
+        raise Stop(f"banner {_brief(banner)}", polite=True)
+    offered = None
+    if plan is not None and plan.starttls != "none":
+        offered = await secure(link, progress, banner, hostname, plan, timeouts)
+    if offered is None:
+        offered = await _greet(link, hostname.encode("ascii"), timeouts)
     mail = _parse_line(envelope.mail_from)
     assert isinstance(mail, MailFrom)  # noqa: S101 - Envelope checked it
     lacking = _lacking(mail, offered)
     if lacking is not None:
-        raise _Stop(f"upstream lacks {lacking}", polite=True)
+        raise Stop(f"upstream lacks {lacking}", polite=True)
     chunking = envelope.body == "bdat" and "CHUNKING" in offered
     await _envelope(
         link, progress, envelope, timeouts, pipelining="PIPELINING" in offered, data=not chunking
@@ -322,18 +250,18 @@ async def _transaction(
     progress.final = await link.reply(step, timeouts.data_end)
 
 
-async def _greet(link: _Link, greeting: bytes, timeouts: TimeoutsConfig) -> Extensions:
+async def _greet(link: Link, greeting: bytes, timeouts: TimeoutsConfig) -> Extensions:
     """EHLO, or HELO if EHLO gets a 5xx (RFC 5321 3.2); returns the extensions."""
     await link.send(b"EHLO " + greeting + b"\r\n", "EHLO", timeouts.reply)
     reply = await link.reply("EHLO", timeouts.reply)
     if _ok(reply):
         return parse_ehlo(reply)
     if reply.code // 100 != 5:
-        raise _Stop(f"EHLO {_brief(reply)}", polite=True)
+        raise Stop(f"EHLO {_brief(reply)}", polite=True)
     await link.send(b"HELO " + greeting + b"\r\n", "HELO", timeouts.reply)
     reply = await link.reply("HELO", timeouts.reply)
     if not _ok(reply):
-        raise _Stop(f"HELO {_brief(reply)}", polite=True)
+        raise Stop(f"HELO {_brief(reply)}", polite=True)
     return Extensions(keywords={})
 
 
@@ -360,7 +288,7 @@ def _lacking(mail: MailFrom, offered: Extensions) -> str | None:
 
 
 async def _envelope(
-    link: _Link,
+    link: Link,
     progress: _Progress,
     envelope: Envelope,
     timeouts: TimeoutsConfig,
@@ -372,7 +300,7 @@ async def _envelope(
 
     With PIPELINING they go in one write and every reply is then read in
     order: RFC 2920 3.1, the client "MUST check all statuses associated with
-    each command in a group". Raises ``_Stop`` unless MAIL, at least one
+    each command in a group". Raises ``Stop`` unless MAIL, at least one
     RCPT and DATA (if sent) were accepted.
     """
     if pipelining:
@@ -383,7 +311,7 @@ async def _envelope(
     progress.mail = await link.reply("MAIL", timeouts.mail)
     _closing(progress.mail, "MAIL")
     if not pipelining and not _ok(progress.mail):
-        raise _Stop(f"MAIL {_brief(progress.mail)}", polite=True)
+        raise Stop(f"MAIL {_brief(progress.mail)}", polite=True)
     for i, line in enumerate(envelope.recipients):
         if not pipelining:
             await link.send(line, "RCPT", timeouts.rcpt)
@@ -396,7 +324,7 @@ async def _envelope(
         refused = "no recipient accepted"
     if not data or (refused is not None and not pipelining):
         if refused is not None:
-            raise _Stop(refused, polite=True)
+            raise Stop(refused, polite=True)
         return
     if not pipelining:
         await link.send(b"DATA\r\n", "DATA", timeouts.data_init)
@@ -409,19 +337,19 @@ async def _envelope(
             # has no recipient to go to.
             await link.send(b".\r\n", "end of data", timeouts.data_block)
             await link.reply("end of data", timeouts.data_end)
-        raise _Stop(refused, polite=True)
+        raise Stop(refused, polite=True)
     if reply.code != 354:
-        raise _Stop(f"DATA {_brief(reply)}", polite=True)
+        raise Stop(f"DATA {_brief(reply)}", polite=True)
 
 
 def _closing(reply: Reply, step: str) -> None:
     """A 421 ends the attempt: the upstream is closing (RFC 5321 3.8)."""
     if reply.code == 421:
-        raise _Stop(f"{step} {_brief(reply)}", polite=True)
+        raise Stop(f"{step} {_brief(reply)}", polite=True)
 
 
 async def _send_data(
-    link: _Link,
+    link: Link,
     progress: _Progress,
     envelope: Envelope,
     message: MessageSource,
@@ -441,13 +369,13 @@ async def _send_data(
                 await _write(link, piece, timeouts)
         except BareLineEnding as error:
             # No terminator was sent: the upstream drops what it got.
-            raise _Stop(f"message holds a bare CR or LF; DATA cannot carry it ({error})") from None
+            raise Stop(f"message holds a bare CR or LF; DATA cannot carry it ({error})") from None
     progress.sent = True
     await link.drain("message data", timeouts.data_block)
 
 
 async def _send_bdat(
-    link: _Link, progress: _Progress, message: MessageSource, timeouts: TimeoutsConfig
+    link: Link, progress: _Progress, message: MessageSource, timeouts: TimeoutsConfig
 ) -> None:
     """Write ``BDAT <size> LAST`` and the message as its one chunk (RFC 3030 2)."""
     size = message.size
@@ -465,7 +393,7 @@ async def _send_bdat(
     await link.drain("message data", timeouts.data_block)
 
 
-async def _write(link: _Link, chunk: bytes | memoryview, timeouts: TimeoutsConfig) -> None:
+async def _write(link: Link, chunk: bytes | memoryview, timeouts: TimeoutsConfig) -> None:
     """Write one piece of the message once the buffer has room for it.
 
     The wait comes before the write, so that once the last piece is written

@@ -20,6 +20,7 @@ from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.flow import Hold, ReadGate
 from smtpwarden.net.replay import Guard
 from smtpwarden.net.upstream import reply_timeout
+from smtpwarden.protocol.events import Command, Verb
 from smtpwarden.protocol.records import ReplyInfo
 from smtpwarden.protocol.replies import Reply
 from smtpwarden.protocol.server import ServerConnection
@@ -43,6 +44,7 @@ class SessionEnd(asyncio.Protocol):
     guard: Guard
     upstream: asyncio.Transport | None
     _connector: asyncio.Task[None] | None
+    _handshake: asyncio.Task[None] | None  # a TLS handshake with the client
     _closed: bool
     _to_client: list[bytes]
     _in_body: bool
@@ -53,9 +55,14 @@ class SessionEnd(asyncio.Protocol):
     core: ServerConnection
     _last_client: float
     _stalled_since: float
+    _errors: int  # commands refused locally (limits.max_errors)
 
     def _replay_lost(self) -> bool:
         """Replay a sent message whose reply will not come; see ``Session``."""
+        raise NotImplementedError
+
+    def opening_expired(self, now: float) -> bool:
+        """End a session whose PROXY header or TLS handshake is late; see ``SecureSession``."""
         raise NotImplementedError
 
     @property
@@ -78,6 +85,8 @@ class SessionEnd(asyncio.Protocol):
         """
         if self._closed or self._connector is not None or self.guard.replaying:
             return  # connecting and replays have deadlines of their own
+        if self.opening_expired(now):
+            return
         timeouts = self.ctx.config.timeouts
         gate = self.gate
         replies = self.ctx.replies
@@ -134,6 +143,19 @@ class SessionEnd(asyncio.Protocol):
             self._abort_upstream()
         self._end(None, reason)
 
+    def _answer(self, command: Command | None, verb: Verb | None, reply: Reply) -> None:
+        out = self.tracker.answered_locally(command, verb, reply, _now())
+        if out:
+            self._to_client.append(out)
+
+    def _refuse(self, command: Command | None, verb: Verb | None, reply: Reply) -> None:
+        """Answer an error locally; past limits.max_errors, end the session."""
+        self._errors += 1
+        if self._errors > self.ctx.config.limits.max_errors:
+            self._end(self.ctx.replies.too_many_errors, "too_many_errors")
+        else:
+            self._answer(command, verb, reply)
+
     def _abort_upstream(self) -> None:
         if self.upstream is not None:
             self.upstream.abort()
@@ -174,6 +196,9 @@ class SessionEnd(asyncio.Protocol):
             self.upstream = None
         if self._connector is not None:
             self._connector.cancel()
+        if self._handshake is not None:
+            self._handshake.cancel()
+            self._handshake = None
         self.guard.cancel()
         record = self.tracker.close(
             reason=reason,

@@ -24,6 +24,8 @@ class Hold(enum.IntFlag):
     CONNECT = 8  # the upstream is not ready yet
     CLIENT = 16  # the client's write buffer is full: it is not reading replies
     REPLAY = 32  # the end of a held message awaits its reply or a replay
+    TLS = 64  # a TLS handshake with the client is on its way
+    PROXY = 128  # not used to pause: a PROXY header is still awaited
 
 
 class ReadGate:
@@ -52,6 +54,12 @@ class ReadGate:
         self._holds &= ~reason
         if not self._holds and not self._transport.is_closing():
             self._transport.resume_reading()
+
+    def rebind(self, transport: asyncio.ReadTransport) -> None:
+        """Go on with ``transport`` (the same connection, now encrypted)."""
+        self._transport = transport
+        if self._holds and not transport.is_closing():
+            transport.pause_reading()
 
     def release(self) -> None:
         """Drop every reason and read again (to drain before closing)."""

@@ -17,6 +17,18 @@ class LocalReplies:
     """Every reply the relay may write on its own, for one host name."""
 
     too_many_connections: Reply
+    access_denied: Reply
+    client_connection_limit: Reply
+    client_rate_limit: Reply
+    tls_ready: Reply
+    tls_active: Reply
+    tls_in_transaction: Reply
+    tls_required: Reply
+    message_too_big: Reply
+    auth_unavailable: Reply
+    auth_encryption: Reply
+    auth_mechanism: Reply
+    auth_in_transaction: Reply
     shutting_down: Reply
     upstream_unavailable: Reply
     upstream_failed: Reply
@@ -38,6 +50,32 @@ class LocalReplies:
             too_many_connections=make_reply(
                 421, "4.7.0", f"{hostname} Too many connections, try again later"
             ),
+            # X.7.1: delivery not authorized; RFC 5321 3.1 allows 554 as
+            # the greeting of a server that will not serve this client.
+            access_denied=make_reply(554, "5.7.1", f"{hostname} Access denied"),
+            client_connection_limit=make_reply(
+                421, "4.7.0", f"{hostname} Too many connections from your address"
+            ),
+            client_rate_limit=make_reply(
+                421, "4.7.0", f"{hostname} Too many connections from your address, slow down"
+            ),
+            # RFC 3207 4.
+            tls_ready=make_reply(220, "2.0.0", "Ready to start TLS"),
+            tls_active=make_reply(503, "5.5.1", "TLS already active"),
+            tls_in_transaction=make_reply(503, "5.5.1", "STARTTLS not allowed in a transaction"),
+            tls_required=make_reply(530, "5.7.0", "Must issue a STARTTLS command first"),
+            # RFC 1870 6.2 (SIZE) and RFC 3463 X.3.4.
+            message_too_big=make_reply(
+                552, "5.3.4", "Message size exceeds fixed maximum message size"
+            ),
+            # RFC 4954 6: 503 for AUTH where it may not be used, 504 for an
+            # unknown mechanism.
+            auth_unavailable=make_reply(503, "5.5.1", "AUTH not available"),
+            auth_mechanism=make_reply(504, "5.5.4", "Unrecognized authentication type"),
+            auth_encryption=make_reply(
+                538, "5.7.11", "Encryption required for requested authentication mechanism"
+            ),
+            auth_in_transaction=make_reply(503, "5.5.1", "AUTH not allowed in a transaction"),
             # X.3.2: system not accepting network messages.
             shutting_down=make_reply(421, "4.3.2", f"{hostname} Service shutting down"),
             # X.4.1: no answer from host.

@@ -20,19 +20,23 @@ import itertools
 import logging
 import secrets
 import signal
+import ssl
 import time
 from collections.abc import Mapping
 
-from smtpwarden.config import Config, RouteConfig, UpstreamConfig, route_for
+from smtpwarden.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, route_for
 from smtpwarden.configroutes import domain_routes
+from smtpwarden.net.admission import Admission
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.ending import LINGER_S
 from smtpwarden.net.loop import loop_factory
 from smtpwarden.net.replies import LocalReplies
 from smtpwarden.net.routing import Route, RouteTable
+from smtpwarden.net.secure import OPENING_TIMEOUT_S
 from smtpwarden.net.session import Session
 from smtpwarden.net.sink import start_sink
 from smtpwarden.net.spooler import QueueRunner
+from smtpwarden.net.tls import client_context, reload, server_context
 from smtpwarden.net.upstream import Health, Target
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
@@ -60,6 +64,7 @@ class Relay:
         self.runner: QueueRunner | None = None
         self._runner: asyncio.Task[None] | None = None
         self.health = Health(config.health)
+        self.admission = Admission(config.limits)
         self._tick: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
         self._drained = asyncio.Event()  # no session left open
@@ -94,12 +99,18 @@ class Relay:
         def next_id() -> str:
             return f"{prefix}{next(serial):07x}"
 
-        policy = ExtensionPolicy(chunking=True)
         replies = LocalReplies.for_host(config.hostname)
         for listener in config.listeners:
             routes = _route_table(config, listener.name, targets)
+            tls_context = None if listener.tls is None else server_context(listener.tls)
+            plain, encrypted = _policies(config, listener, tls_context is not None)
             ctx = ListenerContext(
                 name=listener.name,
+                listener=listener,
+                tls_context=tls_context,
+                admission=self.admission,
+                policy_plain=plain,
+                policy_tls=encrypted,
                 target=routes.default.targets[0],
                 routes=routes,
                 spool=self.spool,
@@ -107,18 +118,23 @@ class Relay:
                 config=config,
                 records=self.records,
                 sessions=self.sessions,
-                policy=policy,
                 replies=replies,
                 epoch_offset=time.time() - time.monotonic(),
                 next_id=next_id,
                 on_end=self._session_ended,
             )
             self._contexts.append(ctx)
+            # An implicit-TLS listener lets the event loop do the handshake
+            # before the session starts, unless a PROXY header comes first.
+            implicit = listener.tls is not None and listener.tls.mode == "implicit"
+            native = tls_context if implicit and listener.proxy_protocol is None else None
             self.servers[listener.name] = await loop.create_server(
                 functools.partial(Session, ctx, ctx.upstream_record),
                 listener.host,
                 listener.port,
                 reuse_address=True,
+                ssl=native,
+                ssl_handshake_timeout=OPENING_TIMEOUT_S if native is not None else None,
             )
             host, port = self.address(listener.name)
             target = ctx.target
@@ -157,7 +173,15 @@ class Relay:
                 folder,
             )
             return Target(name=upstream.name, host="127.0.0.1", port=port)
-        return Target(name=upstream.name, host=upstream.host, port=upstream.port)
+        return Target(
+            name=upstream.name,
+            host=upstream.host,
+            port=upstream.port,
+            tls=upstream.tls,
+            context=client_context(upstream.tls),
+            xclient=upstream.xclient,
+            xforward=upstream.xforward,
+        )
 
     async def _run_tick(self) -> None:
         timeouts = self.config.timeouts
@@ -178,6 +202,7 @@ class Relay:
                 now = time.monotonic()
                 for session in list(self.sessions):
                     session.check_deadline(now)
+                self.admission.prune(now)
                 self.records.flush()
             except Exception:
                 # The tick is what enforces every deadline: it must outlive
@@ -214,6 +239,23 @@ class Relay:
             self.spool.close()
         self.records.flush()
         self.stopped.set()
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: listeners with TLS load their certificate and key again.
+
+        New handshakes use them; live sessions keep theirs. A file that no
+        longer loads is logged and the old certificate kept.
+        """
+        for ctx in self._contexts:
+            tls = ctx.listener.tls
+            if tls is None or ctx.tls_context is None:
+                continue
+            try:
+                reload(ctx.tls_context, tls)
+            except (OSError, ssl.SSLError) as error:
+                log.error("listener %s: certificate not reloaded: %s", ctx.name, error)
+            else:
+                log.info("listener %s: certificate reloaded", ctx.name)
 
     def _open_sessions(self) -> bool:
         return any(not session.closed for session in self.sessions)
@@ -266,6 +308,7 @@ def run_relay(config: Config) -> int:
 
         loop.add_signal_handler(signal.SIGTERM, on_signal, config.shutdown.grace)
         loop.add_signal_handler(signal.SIGINT, on_signal, config.shutdown.fast)
+        loop.add_signal_handler(signal.SIGHUP, relay.reload_certificates)
         await relay.stopped.wait()
         relay.close_log()
         return 0
@@ -289,3 +332,19 @@ def _route_table(config: Config, listener: str, targets: Mapping[str, Target]) -
         for route in domain_routes(config.routes, listener)
     ]
     return RouteTable(resolve(route_for(config, listener)), by_domain)
+
+
+def _policies(
+    config: Config, listener: ListenerConfig, tls: bool
+) -> tuple[ExtensionPolicy, ExtensionPolicy]:
+    """What EHLO offers a listener's clients before TLS and once encrypted."""
+    starttls = tls and listener.tls is not None and listener.tls.mode == "starttls"
+    auth = listener.auth
+    mechanisms = () if auth is None else auth.mechanisms
+    size = config.limits.max_message_bytes
+    plain = ExtensionPolicy(
+        starttls=starttls,
+        auth=() if auth is None or auth.require_tls else mechanisms,
+        max_size=size,
+    )
+    return plain, ExtensionPolicy(auth=mechanisms, max_size=size)

@@ -26,18 +26,17 @@ import asyncio
 import functools
 import logging
 import time
-from dataclasses import replace
 from typing import cast
 
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
-from smtpwarden.net.guarded import GuardedSession
 from smtpwarden.net.replay import Guard, contradicts, phrases_of, transient
 from smtpwarden.net.routing import Route
-from smtpwarden.net.upstream import connect
+from smtpwarden.net.upstreamleg import UpstreamLeg
 from smtpwarden.protocol.errors import LocalProtocolError, MalformedReply, RemoteProtocolError
 from smtpwarden.protocol.events import (
     PAUSED,
+    AuthResponse,
     BadCommand,
     Bdat,
     Body,
@@ -49,6 +48,7 @@ from smtpwarden.protocol.extensions import reconcile
 from smtpwarden.protocol.records import Peer, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import Reply, ReplyReader, reply_for
 from smtpwarden.protocol.server import ServerConnection
+from smtpwarden.protocol.state import ServerState
 from smtpwarden.protocol.tracker import SessionTracker
 from smtpwarden.protocol.transaction import Awaiting
 
@@ -67,7 +67,7 @@ AWAITING_END_BUFFER_BYTES = 64 * 1024
 _NO_TLS = Tls()
 
 
-class Session(GuardedSession):
+class Session(UpstreamLeg):
     """One client connection relayed to one upstream connection."""
 
     def __init__(self, ctx: ListenerContext, upstream: Upstream) -> None:
@@ -103,6 +103,22 @@ class Session(GuardedSession):
         self._last_client = _now()
         self._client_bytes = 0
         self._upstream_bytes = 0
+        self._proxy = None  # the PROXY header reader, until the header is in
+        self._opening_since = 0.0
+        self._address = None  # the client's address as limits count it
+        self._admitted = False
+        self._tls_pending = False
+        self._handshake: asyncio.Task[None] | None = None
+        self._encrypted = False  # TLS with the client
+        self._message_bytes = 0  # octets of the current message so far
+        self._auth = None  # the AUTH exchange under way
+        self._preamble = None  # STARTTLS and XCLIENT towards the upstream, if any
+        self._preamble_done = None
+        self._greeting = b""
+        self._xclient_sent = False
+        self._xforward = False
+        self._esmtp = False
+        self._upstream_tls: asyncio.Task[None] | None = None
 
     # -- the client's connection ---------------------------------------------
 
@@ -142,13 +158,17 @@ class Session(GuardedSession):
         if ctx.draining:
             self._end(ctx.replies.shutting_down, "shutdown")
             return
-        self.gate.pause(Hold.CONNECT)
-        self._connector = asyncio.get_running_loop().create_task(self._connect())
+        if client.get_extra_info("ssl_object") is not None:
+            self._now_encrypted()
+        self._open(host)
 
     def data_received(self, data: bytes) -> None:
         self._client_bytes += len(data)
         self._last_client = _now()
         if self._lingering or self._closed:
+            return
+        if self._proxy is not None:
+            self._proxy_data(data)
             return
         self.core.receive_data(data)
         if self._awaiting_end and self.core.buffered > AWAITING_END_BUFFER_BYTES:
@@ -171,6 +191,7 @@ class Session(GuardedSession):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._closed:
             self._client_gone("client_lost")
+        self._release_admission()
         self.ctx.sessions.discard(self)
         self.ctx.on_end()
 
@@ -207,11 +228,19 @@ class Session(GuardedSession):
                 self._end(reply_for(refused), "bare_line_ending")
                 return
             if isinstance(event, Signal):
-                if event is PAUSED:
+                if event is PAUSED and core.state is not ServerState.AWAIT_TLS:
+                    # DATA or AUTH awaits the upstream's reply (STARTTLS
+                    # holds reading until its handshake on its own).
                     self.gate.pause(Hold.VERDICT)
                 return
             if isinstance(event, Body):
                 self._on_body(event)
+            elif isinstance(event, AuthResponse):
+                self._on_auth_response(event.line)
+            elif isinstance(event, BadCommand) and event.verb is Verb.AUTH and self._auth:
+                # A response line the core refused: the exchange is
+                # cancelled upstream, whose reply the client gets.
+                self._on_auth_response(b"*\r\n")
             elif isinstance(event, BadCommand):
                 self._refuse(None, event.verb, reply_for(event.error))
             else:
@@ -229,16 +258,37 @@ class Session(GuardedSession):
         line = command.line
         takes_over = False
         match verb:
-            case Verb.XCLIENT | Verb.XFORWARD | Verb.STARTTLS | Verb.AUTH:
-                # XCLIENT and XFORWARD are smtpwarden's own to send upstream;
-                # STARTTLS and AUTH need listener support. None is offered.
+            case Verb.XCLIENT | Verb.XFORWARD:
+                # XCLIENT and XFORWARD are smtpwarden's own to send upstream.
                 self._refuse(command, verb, replies.not_implemented)
+                return
+            case Verb.AUTH:
+                refusal = self._tls_refusal(command) or self._auth_refusal(command)
+                if refusal is not None:
+                    self.core.auth_done()
+                    self._refuse(command, verb, refusal)
+                    return
+            case Verb.STARTTLS:
+                refusal = self._tls_refusal(command)
+                if refusal is not None:
+                    self.core.refuse_tls()
+                    self._refuse(command, verb, refusal)
+                else:
+                    self._starttls(command)
                 return
             case Verb.MAIL:
                 if self.ctx.draining and not self.tracker.in_transaction:
                     self._end(replies.shutting_down, "shutdown")
                     return
+                refusal = self._tls_refusal(command)
+                if refusal is None and self._too_big(command):
+                    refusal = replies.message_too_big
+                if refusal is not None:
+                    self._answer(command, verb, refusal)
+                    return
                 self._new_transaction()
+                if self._xforward:
+                    self._send_xforward()
             case Verb.RCPT:
                 if self._recipients >= self.ctx.config.limits.max_recipients:
                     self._answer(command, verb, replies.too_many_recipients)
@@ -258,18 +308,36 @@ class Session(GuardedSession):
                     # stays in step (RFC 3030 2: the size says where it ends).
                     self._refuse(command, verb, replies.chunking_not_offered)
                     return
+                if not self._in_body:
+                    self._message_bytes = 0
+                self._message_bytes += command.size
+                limit = self.ctx.config.limits.max_message_bytes
+                if limit and self._message_bytes > limit:
+                    # Refused before a byte of it goes on; RFC 3030 4.2: the
+                    # transaction has failed, and the client's RSET clears it.
+                    self._chunk_dropped = True
+                    self._in_body = False
+                    self.guard.release()
+                    self._answer(command, verb, replies.message_too_big)
+                    return
                 self._in_body = True
                 self._body_kind = "bdat"
                 line = command.wire
                 self.guard.hold("bdat", self._route or self.ctx.routes.default)
             case Verb.DATA:
                 self._in_body = True
+                self._message_bytes = 0
                 self._body_kind = "data"
                 self.guard.hold("data", self._route or self.ctx.routes.default)
             case Verb.HELO:
                 self._chunking = False  # HELO offers no extensions (RFC 5321 4.1.1.1)
+                self._xforward = False
+                self._esmtp = False
                 self._new_transaction()
-            case Verb.EHLO | Verb.RSET:
+            case Verb.EHLO:
+                self._esmtp = True
+                self._new_transaction()
+            case Verb.RSET:
                 self._new_transaction()
             case Verb.QUIT:
                 self._quitting = True
@@ -284,9 +352,11 @@ class Session(GuardedSession):
         if self._chunk_dropped:
             self._chunk_dropped = not body.done
             return
+        data = body.data
+        if self._body_kind == "data" and self._past_size_limit(len(data), body.done):
+            return
         if upstream is None:
             raise LocalProtocolError("message data to relay with no upstream connection")
-        data = body.data
         upstream.write(data)
         self._upstream_bytes += len(data)
         self.tracker.body(data)
@@ -312,52 +382,7 @@ class Session(GuardedSession):
                 # the replies to whatever it pipelined after the message.
                 self._awaiting_end = True
 
-    def _answer(self, command: Command | None, verb: Verb | None, reply: Reply) -> None:
-        out = self.tracker.answered_locally(command, verb, reply, _now())
-        if out:
-            self._to_client.append(out)
-
-    def _refuse(self, command: Command | None, verb: Verb | None, reply: Reply) -> None:
-        """Answer an error locally; past limits.max_errors, end the session."""
-        self._errors += 1
-        if self._errors > self.ctx.config.limits.max_errors:
-            self._end(self.ctx.replies.too_many_errors, "too_many_errors")
-        else:
-            self._answer(command, verb, reply)
-
     # -- what the upstream sends -----------------------------------------------
-
-    async def _connect(self) -> None:
-        """Connect to the route's first usable upstream, failing over in order."""
-        ctx = self.ctx
-        for target in ctx.health.order(ctx.routes.default.targets):
-            try:
-                await connect(target, self, ctx.config.timeouts.connect)
-            except (OSError, TimeoutError) as error:
-                ctx.health.failed(target)
-                log.warning(
-                    "session %s: upstream %s unreachable: %s",
-                    self.tracker.info.session_id,
-                    target.name,
-                    str(error) or "timeout",
-                )
-                continue
-            ctx.health.succeeded(target)
-            self.target = target
-            if target is not ctx.target:
-                upstream = Upstream(name=target.name, address=target.host, port=target.port)
-                self.tracker.info = replace(self.tracker.info, upstream=upstream)
-            self._connector = None
-            return
-        self._connector = None
-        self._end(ctx.replies.upstream_unavailable, "upstream_unreachable", failed=True)
-
-    def upstream_made(self, transport: asyncio.Transport) -> None:
-        """The upstream connection is open."""
-        if self._closed:
-            transport.abort()
-        else:
-            self.upstream = transport
 
     def upstream_data(self, data: bytes) -> None:
         """Handle bytes from the upstream: replies, paired and forwarded."""
@@ -366,6 +391,13 @@ class Session(GuardedSession):
         reader = self.reader
         tracker = self.tracker
         reader.receive_data(data)
+        preamble = self._preamble
+        if preamble is not None:
+            try:
+                self._preamble_reply(preamble)
+            except MalformedReply as error:
+                self._preamble_finished(f"malformed reply: {error}")
+            return
         now = _now()
         while True:
             try:
@@ -421,10 +453,23 @@ class Session(GuardedSession):
 
     def _on_reply(self, entry: Awaiting, reply: Reply) -> None:
         out = self._to_client
+        if entry.hidden:
+            if reply.code // 100 != 2:
+                log.info(
+                    "session %s: %s refused: %s",
+                    self.tracker.info.session_id,
+                    entry.name,
+                    reply.raw[:80],
+                )
+            return
         match entry.verb:
             case Verb.EHLO:
-                data, offered = reconcile(reply, self.ctx.policy)
-                self._chunking = "CHUNKING" in offered and self.ctx.policy.chunking
+                policy = self.extension_policy
+                data, offered = reconcile(reply, policy)
+                self._chunking = "CHUNKING" in offered and policy.chunking
+                self._xforward = (
+                    self.target.xforward and not self._xclient_sent and "XFORWARD" in offered
+                )
                 out.append(data)
             case Verb.DATA:
                 out.append(reply.raw)
@@ -439,6 +484,11 @@ class Session(GuardedSession):
                 out.append(reply.raw)
                 self.gate.resume(Hold.CONNECT)
                 self._resume_pump = True
+            case Verb.AUTH:
+                out.append(reply.raw)
+                self._auth_reply(reply)
+                self.gate.resume(Hold.VERDICT)
+                self._resume_pump = True
             case Verb.RCPT if entry.takes_over:
                 out.append(self.ctx.replies.taken_over.raw)
             case _:
@@ -447,38 +497,3 @@ class Session(GuardedSession):
                     self._release_held()
                 elif entry.verb is Verb.BDAT and reply.code // 100 != 2:
                     self.guard.release()  # RFC 3030 4.2: the transaction failed
-
-    def upstream_lost(self) -> None:
-        """The upstream connection closed."""
-        if self._closed:
-            return
-        if self.guard.replaying:
-            self.upstream = None  # the replay answers; the session ends after it
-            return
-        try:
-            self.reader.receive_eof()
-        except MalformedReply as error:
-            self._upstream_failed(f"malformed reply: {error}", "upstream_malformed")
-            return
-        self._upstream_failed("connection lost", "upstream_lost")
-
-    def upstream_full(self) -> None:
-        """The upstream's write buffer passed its high-water mark."""
-        self._stalled_since = _now()
-        self.gate.pause(Hold.FLOW)
-
-    def upstream_drained(self) -> None:
-        """The upstream's write buffer drained below its low-water mark."""
-        self.gate.resume(Hold.FLOW)
-
-    def _upstream_failed(self, why: str, reason: str) -> None:
-        log.warning(
-            "session %s: upstream %s: %s", self.tracker.info.session_id, self.target.name, why
-        )
-        if self.guard.replaying:
-            self._abort_upstream()  # the replay answers; the session ends after it
-            return
-        if self._replay_lost():
-            return
-        self._abort_upstream()
-        self._end(self.ctx.replies.upstream_failed, reason, failed=True)

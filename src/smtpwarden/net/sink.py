@@ -35,6 +35,7 @@ from smtpwarden.net.loop import LoopChoice, loop_factory
 from smtpwarden.net.mailbox import Draft, Mailbox
 from smtpwarden.protocol.errors import RemoteProtocolError
 from smtpwarden.protocol.events import (
+    AuthResponse,
     BadCommand,
     Bdat,
     Body,
@@ -152,6 +153,8 @@ class SinkSession(asyncio.Protocol):
                 reply = self._body(event)
             elif isinstance(event, BadCommand):
                 reply = event.error.reply_bytes()
+            elif isinstance(event, AuthResponse):
+                reply = b"503 5.5.1 Error: authentication not enabled\r\n"  # AUTH ended at once
             else:
                 reply = self._command(event)
             if reply:
@@ -222,6 +225,12 @@ class SinkSession(asyncio.Protocol):
                 if self._draft is None:
                     self._draft = self.mailbox.draft(self.max_message_bytes, unstuff=False)
                 return b""
+            case Verb.AUTH:
+                self.core.auth_done()  # the sink offers no AUTH
+                return b"503 5.5.1 Error: authentication not enabled\r\n"
+            case Verb.STARTTLS:
+                self.core.refuse_tls()  # nor STARTTLS
+                return b"502 5.5.1 Error: command not implemented\r\n"
             case Verb.RSET:
                 self._reset()
                 return b"250 2.0.0 Ok\r\n"

@@ -7,23 +7,30 @@ session; all decisions stay in ``session.py``.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from smtpwarden.config import HealthConfig, TimeoutsConfig
+from smtpwarden.configtls import UpstreamTls
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES
 from smtpwarden.protocol.transaction import Awaiting
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Target:
-    """Where a listener relays to."""
+    """Where a listener relays to, and how."""
 
     name: str
     host: str
     port: int
+    tls: UpstreamTls = field(default_factory=UpstreamTls)
+    # Built once from ``tls`` (``net.tls.client_context``); None without TLS.
+    context: ssl.SSLContext | None = field(default=None, compare=False)
+    xclient: bool = False  # send XCLIENT when the upstream offers it
+    xforward: bool = False  # else XFORWARD before each MAIL, when offered
 
 
 class UpstreamEvents(Protocol):
@@ -73,8 +80,15 @@ async def connect(target: Target, events: UpstreamEvents, timeout_s: float) -> N
     Raises OSError or TimeoutError.
     """
     loop = asyncio.get_running_loop()
+    implicit = target.context if target.tls.mode == "implicit" else None
     async with asyncio.timeout(timeout_s):
-        await loop.create_connection(lambda: UpstreamProtocol(events), target.host, target.port)
+        await loop.create_connection(
+            lambda: UpstreamProtocol(events),
+            target.host,
+            target.port,
+            ssl=implicit,
+            server_hostname=(target.tls.server_name or target.host) if implicit else None,
+        )
 
 
 class Health:

@@ -137,6 +137,7 @@ class SessionInfo:
     client: Peer
     upstream: Upstream
     tls: Tls
+    auth: str | None = None  # the identity AUTH proved, once the upstream said 235
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,6 +161,7 @@ class TransactionRecord:
     client: Peer
     upstream: Upstream
     tls: Tls
+    auth: str | None = None  # the authenticated identity (never a credential)
     helo: str | None
     mail_from: Address
     recipients: tuple[Address, ...]
@@ -196,6 +198,7 @@ class SessionRecord:
     client: Peer
     upstream: Upstream
     tls: Tls
+    auth: str | None = None  # the authenticated identity (never a credential)
     helo: str | None
     banner: ReplyInfo | None
     transactions: int

@@ -139,6 +139,14 @@ class SessionTracker:
             self._last_bdat = entry
         self._queue.append(entry)
 
+    def forwarded_continuation(self, verb: Verb, now: float) -> None:
+        """Record a line sent upstream that is not a command (an AUTH response)."""
+        self._queue.append(Awaiting(name=verb.value, verb=verb, sent_at=now, command=None))
+
+    def forwarded_hidden(self, name: str, now: float) -> None:
+        """Record a command of the relay's own; its reply is never the client's."""
+        self._queue.append(Awaiting(name=name, verb=None, sent_at=now, command=None, hidden=True))
+
     def answered_locally(
         self, command: Command | None, verb: Verb | None, reply: Reply, now: float
     ) -> bytes:
@@ -247,6 +255,7 @@ class SessionTracker:
             client=self.info.client,
             upstream=self.info.upstream,
             tls=self.info.tls,
+            auth=self.info.auth,
             helo=self.helo,
             banner=self.banner,
             transactions=self._count,

@@ -42,6 +42,7 @@ class Awaiting:
     replayable: bool = True  # the end of a message whose copy is held
     takes_over: bool = False  # a RCPT whose 4xx the spool may take over
     contradicted: bool = False  # an end of message answered by a 2xx that reports failure
+    hidden: bool = False  # the relay's own command (XFORWARD): its reply is not relayed
 
 
 @dataclass(slots=True, kw_only=True)
@@ -156,6 +157,7 @@ def transaction_record(
         client=info.client,
         upstream=info.upstream,
         tls=info.tls,
+        auth=info.auth,
         helo=helo,
         mail_from=tx.mail_from,
         recipients=tuple(tx.recipients),

@@ -1,0 +1,245 @@
+"""The session's upstream connection: connecting, TLS, and the client's identity.
+
+The session connects to its route's upstreams in turn (the usable ones
+first) until one greets it. When an upstream is configured for TLS or
+XCLIENT, ``protocol.preamble.UpstreamPreamble`` runs before the client
+sees anything: STARTTLS and the handshake, then XCLIENT with the client's
+real address, whose 220 becomes the greeting the client gets. A failure
+there is a failure of that upstream: the next one is tried, and required
+TLS never falls back to plaintext. Implicit TLS is negotiated by the event
+loop as the connection opens.
+
+XFORWARD, Postfix's per-transaction alternative, is sent before each MAIL
+when the upstream offers it, it is configured, and XCLIENT was not used;
+its reply is the relay's own, never the client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import replace
+
+from smtpwarden.net.flow import Hold
+from smtpwarden.net.secure import SecureSession
+from smtpwarden.net.tls import describe, server_name, starttls_policy
+from smtpwarden.net.upstream import Target, connect
+from smtpwarden.protocol.errors import MalformedReply
+from smtpwarden.protocol.identity import xclient_command, xforward_command
+from smtpwarden.protocol.preamble import Action, Done, Fail, Send, StartTls, UpstreamPreamble
+from smtpwarden.protocol.records import Upstream
+from smtpwarden.protocol.replies import ReplyReader
+
+log = logging.getLogger("smtpwarden.session")
+
+_now = time.monotonic
+
+
+class UpstreamLeg(SecureSession):
+    """Connecting upstream, its preamble, and XFORWARD; see the module doc."""
+
+    reader: ReplyReader
+    _preamble: UpstreamPreamble | None
+    _preamble_done: asyncio.Future[str | None] | None  # the failure, or None
+    _greeting: bytes  # the greeting to hand on once the preamble is done
+    _xclient_sent: bool
+    _xforward: bool  # send XFORWARD before each MAIL
+    _esmtp: bool  # the client greeted with EHLO, not HELO
+    _connecting: Target  # the upstream the preamble runs with
+    _upstream_tls: asyncio.Task[None] | None  # the handshake with the upstream
+
+    def _connect_upstream(self) -> None:
+        self.gate.pause(Hold.CONNECT)
+        self._connector = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        """Connect to the route's first usable upstream, failing over in order."""
+        ctx = self.ctx
+        timeouts = ctx.config.timeouts
+        for target in ctx.health.order(ctx.routes.default.targets):
+            try:
+                await connect(target, self, timeouts.connect)
+                failure = await self._run_preamble(target)
+            except (OSError, TimeoutError, ssl.SSLError) as error:
+                failure = str(error) or "timeout"
+            if failure is not None:
+                ctx.health.failed(target)
+                log.warning(
+                    "session %s: upstream %s: %s",
+                    self.tracker.info.session_id,
+                    target.name,
+                    failure,
+                )
+                self._abort_upstream()
+                self.reader = ReplyReader(
+                    max_line_bytes=ctx.config.limits.max_reply_line_bytes,
+                    max_lines=ctx.config.limits.max_reply_lines,
+                )
+                continue
+            ctx.health.succeeded(target)
+            self.target = target
+            info = self.tracker.info
+            if target is not ctx.target:
+                upstream = Upstream(name=target.name, address=target.host, port=target.port)
+                info = replace(info, upstream=upstream)
+            secured = describe(self.upstream)
+            if secured is not None:
+                info = replace(info, tls=replace(info.tls, upstream=secured.summary))
+            self.tracker.info = info
+            self._connector = None
+            if self._greeting:
+                # The greeting the preamble kept back goes the usual way.
+                greeting, self._greeting = self._greeting, b""
+                self.upstream_data(greeting)
+            return
+        self._connector = None
+        self._end(ctx.replies.upstream_unavailable, "upstream_unreachable", failed=True)
+
+    def upstream_made(self, transport: asyncio.Transport) -> None:
+        """The upstream connection is open."""
+        if self._closed:
+            transport.abort()
+        else:
+            self.upstream = transport
+
+    def upstream_lost(self) -> None:
+        """The upstream connection closed."""
+        if self._preamble is not None:
+            self._preamble_finished("connection lost during the greeting")
+            return
+        if self._closed or self.upstream is None:
+            return  # ended, or dropped on purpose: the session has its answer
+        if self.guard.replaying:
+            self.upstream = None  # the replay answers; the session ends after it
+            return
+        try:
+            self.reader.receive_eof()
+        except MalformedReply as error:
+            self._upstream_failed(f"malformed reply: {error}", "upstream_malformed")
+            return
+        self._upstream_failed("connection lost", "upstream_lost")
+
+    def upstream_full(self) -> None:
+        """The upstream's write buffer passed its high-water mark."""
+        self._stalled_since = _now()
+        self.gate.pause(Hold.FLOW)
+
+    def upstream_drained(self) -> None:
+        """The upstream's write buffer drained below its low-water mark."""
+        self.gate.resume(Hold.FLOW)
+
+    def _upstream_failed(self, why: str, reason: str) -> None:
+        log.warning(
+            "session %s: upstream %s: %s", self.tracker.info.session_id, self.target.name, why
+        )
+        if self.guard.replaying:
+            self._abort_upstream()  # the replay answers; the session ends after it
+            return
+        if self._replay_lost():
+            return
+        self._abort_upstream()
+        self._end(self.ctx.replies.upstream_failed, reason, failed=True)
+
+    def upstream_data(self, data: bytes) -> None:
+        """Handle bytes from the upstream; see ``Session``."""
+        raise NotImplementedError
+
+    # -- the preamble ------------------------------------------------------------
+
+    async def _run_preamble(self, target: Target) -> str | None:
+        """Run STARTTLS and XCLIENT if configured; the failure, or None."""
+        policy = starttls_policy(target.tls) if target.tls.mode == "starttls" else "none"
+        xclient = None
+        if target.xclient:
+            client = self.tracker.info.client
+            xclient = xclient_command(client.address, client.port)
+        self._xclient_sent = False
+        self._connecting = target
+        if policy == "none" and xclient is None:
+            return None  # the banner comes the usual way
+        hostname = self.ctx.config.hostname
+        self._preamble = UpstreamPreamble(hostname, policy, xclient)
+        done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._preamble_done = done
+        timeouts = self.ctx.config.timeouts
+        try:
+            async with asyncio.timeout(timeouts.banner + timeouts.connect + 3 * timeouts.reply):
+                return await done
+        except TimeoutError:
+            return "no answer during the greeting (STARTTLS/XCLIENT)"
+        finally:
+            self._preamble = None
+            self._preamble_done = None
+
+    def _preamble_reply(self, preamble: UpstreamPreamble) -> None:
+        """Feed the preamble the replies read so far."""
+        while self._preamble is preamble:
+            reply = self.reader.next_reply()
+            if reply is None:
+                return
+            self._preamble_act(preamble.receive(reply))
+
+    def _preamble_act(self, action: Action) -> None:
+        match action:
+            case Send(data):
+                if self.upstream is not None:
+                    self.upstream.write(data)
+                    self._upstream_bytes += len(data)
+            case StartTls():
+                loop = asyncio.get_running_loop()
+                self._upstream_tls = loop.create_task(self._upstream_handshake())
+            case Done(banner, _, xclient_sent):
+                self._xclient_sent = xclient_sent
+                self._greeting = banner.raw
+                self._preamble_finished(None)
+            case Fail(reason, _):
+                self._preamble_finished(reason)
+
+    def _preamble_finished(self, failure: str | None) -> None:
+        self._preamble = None
+        done = self._preamble_done
+        if done is not None and not done.done():
+            done.set_result(failure)
+
+    async def _upstream_handshake(self) -> None:
+        preamble, upstream = self._preamble, self.upstream
+        if preamble is None or upstream is None:
+            return
+        if self.reader.buffered:
+            # RFC 3207 5: octets after the 220 would pass as encrypted ones.
+            self._preamble_finished("upstream sent data after its 220 to STARTTLS")
+            return
+        target = self._connecting
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.ctx.config.timeouts.connect):
+                secured = await loop.start_tls(
+                    upstream,
+                    upstream.get_protocol(),
+                    target.context,  # type: ignore[arg-type] # set for mode starttls
+                    server_hostname=server_name(target, target.tls),
+                )
+        except (OSError, ssl.SSLError, TimeoutError) as error:
+            self._preamble_finished(f"TLS handshake failed: {str(error) or 'timeout'}")
+            return
+        if secured is None or self._preamble is not preamble:
+            return
+        self.upstream = secured
+        self._preamble_act(preamble.tls_started())
+
+    # -- XFORWARD ----------------------------------------------------------------
+
+    def _send_xforward(self) -> None:
+        """Before a MAIL: the client's identity for this transaction."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        info = self.tracker.info
+        line = xforward_command(
+            info.client.address, info.client.port, self.tracker.helo, esmtp=self._esmtp
+        )
+        upstream.write(line)
+        self._upstream_bytes += len(line)
+        self.tracker.forwarded_hidden("XFORWARD", _now())

@@ -1,0 +1,214 @@
+"""TLS with the client: STARTTLS, implicit TLS, TLS required, STARTTLS injection.
+
+Certificates come from a throw-away trustme CA; clients are smtplib, swaks
+and a raw socket that pipelines commands after STARTTLS.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from integration.external_tools import require_tool
+from integration.recording_upstreams import RawUpstream
+from integration.relay_harness import UPSTREAM, WAIT_S, RunningRelay, StartRelay
+
+MESSAGE = "Subject: tls\r\n\r\nover TLS\r\n"
+SWAKS_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: trustme.CA
+    certificate: Path
+    key: Path
+    ca_file: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost", "relay.test")
+    certificate, key, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
+    certificate.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return Pki(ca=ca, certificate=certificate, key=key, ca_file=ca_file)
+
+
+def tls_relay(
+    start_relay: StartRelay, upstream: RawUpstream, pki: Pki, **tls: object
+) -> RunningRelay:
+    listener: dict[str, Any] = {
+        "name": "main",
+        "host": "127.0.0.1",
+        "port": 0,
+        "upstream": UPSTREAM,
+        "tls": {"certificate": str(pki.certificate), "key": str(pki.key), **tls},
+    }
+    return start_relay(upstream.config, extra={"listeners": [listener]})
+
+
+@pytest.fixture
+def upstream() -> Iterator[RawUpstream]:
+    server = RawUpstream()
+    yield server
+    server.close()
+
+
+def sessions(relay: RunningRelay, count: int = 1) -> list[dict[str, Any]]:
+    return relay.wait_records(lambda rs: len(rs) >= count, "session")
+
+
+def test_starttls_then_a_message(start_relay: StartRelay, upstream: RawUpstream, pki: Pki) -> None:
+    relay = tls_relay(start_relay, upstream, pki)
+    host, port = relay.address()
+    with smtplib.SMTP(host, port, timeout=WAIT_S) as client:
+        client.ehlo("client.test")
+        assert client.has_extn("starttls")
+        code, _ = client.starttls(context=pki.client_context())
+        assert code == 220
+        client.ehlo("client.test")
+        assert not client.has_extn("starttls")  # RFC 3207 4.2: not offered again
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    (conn,) = upstream.wait_all_ended()
+    assert conn.data == [MESSAGE.encode() + b".\r\n"]
+    # The upstream hears both EHLOs, and never a STARTTLS: that one is ours.
+    assert [line.split()[0].upper() for line in conn.commands[:2]] == [b"EHLO", b"EHLO"]
+    assert not any(line.upper().startswith(b"STARTTLS") for line in conn.commands)
+    (session,) = sessions(relay)
+    assert session["tls"]["client"].startswith("TLSv1.")
+    assert session["tls"]["upstream"] == "none"
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert record["tls"]["client"] == session["tls"]["client"]
+
+
+def test_implicit_tls(start_relay: StartRelay, upstream: RawUpstream, pki: Pki) -> None:
+    relay = tls_relay(start_relay, upstream, pki, mode="implicit")
+    host, port = relay.address()
+    with smtplib.SMTP_SSL(host, port, timeout=WAIT_S, context=pki.client_context()) as client:
+        client.ehlo("client.test")
+        assert not client.has_extn("starttls")
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    (conn,) = upstream.wait_all_ended()
+    assert conn.data == [MESSAGE.encode() + b".\r\n"]
+    (session,) = sessions(relay)
+    assert session["tls"]["client"].startswith("TLSv1.")
+
+
+def test_required_tls_refuses_mail_before_starttls(
+    start_relay: StartRelay, upstream: RawUpstream, pki: Pki
+) -> None:
+    relay = tls_relay(start_relay, upstream, pki, require=True)
+    host, port = relay.address()
+    with smtplib.SMTP(host, port, timeout=WAIT_S) as client:
+        client.ehlo("client.test")
+        code, text = client.mail("a@example.org")
+        assert (code, text[:5]) == (530, b"5.7.0")
+        client.starttls(context=pki.client_context())
+        client.ehlo("client.test")
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    (conn,) = upstream.wait_all_ended()
+    # Only the MAIL sent over TLS reached the upstream.
+    (mail,) = [line for line in conn.commands if line.upper().startswith(b"MAIL")]
+    assert mail.startswith(b"mail FROM:<a@example.org>")
+
+
+def test_commands_pipelined_after_starttls_are_discarded(
+    start_relay: StartRelay, upstream: RawUpstream, pki: Pki
+) -> None:
+    relay = tls_relay(start_relay, upstream, pki)
+    host, port = relay.address()
+    with socket.create_connection((host, port), timeout=WAIT_S) as raw:
+        reader = raw.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        raw.sendall(b"EHLO client.test\r\n")
+        while not reader.readline().startswith(b"250 "):
+            pass
+        # RFC 3207 5: the injected MAIL must never be executed.
+        raw.sendall(b"STARTTLS\r\nMAIL FROM:<injected@example.org>\r\n")
+        assert reader.readline().startswith(b"220 2.0.0")
+        with pki.client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"EHLO client.test\r\n")
+            secure = tls.makefile("rb")
+            while not (line := secure.readline()).startswith(b"250 "):
+                assert line.startswith(b"250-")
+            tls.sendall(b"MAIL FROM:<a@example.org>\r\n")
+            assert secure.readline().startswith(b"250")
+            tls.sendall(b"QUIT\r\n")
+            assert secure.readline().startswith(b"221")
+    (conn,) = upstream.wait_all_ended()
+    assert not any(b"injected" in line for line in conn.commands)
+    assert b"MAIL FROM:<a@example.org>\r\n" in conn.commands
+
+
+def test_a_failed_handshake_ends_only_that_session(
+    start_relay: StartRelay, upstream: RawUpstream, pki: Pki
+) -> None:
+    relay = tls_relay(start_relay, upstream, pki)
+    host, port = relay.address()
+    with socket.create_connection((host, port), timeout=WAIT_S) as raw:
+        reader = raw.makefile("rb")
+        reader.readline()
+        raw.sendall(b"STARTTLS\r\n")
+        assert reader.readline().startswith(b"220")
+        raw.sendall(b"this is not a TLS ClientHello\r\n" * 4)
+        assert reader.read() == b""  # the relay closed the connection
+    (session,) = sessions(relay)
+    assert session["end"] == "tls_failed"
+    # The listener is still up.
+    with smtplib.SMTP(host, port, timeout=WAIT_S) as client:
+        assert client.noop()[0] == 250
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "tls-on-connect"])
+def test_swaks_over_tls(
+    start_relay: StartRelay, upstream: RawUpstream, pki: Pki, implicit: bool
+) -> None:
+    swaks = require_tool("swaks")
+    relay = tls_relay(start_relay, upstream, pki, mode="implicit" if implicit else "starttls")
+    _, port = relay.address()
+    result = subprocess.run(
+        [
+            swaks,
+            "--server",
+            f"127.0.0.1:{port}",
+            "--helo",
+            "client.test",
+            "--from",
+            "sender@example.org",
+            "--to",
+            "rcpt@example.net",
+            "--body",
+            "over TLS",
+            "--tls-on-connect" if implicit else "--tls",
+            "--tls-verify",
+            "--tls-ca-path",
+            str(pki.ca_file),
+            "--tls-sni",
+            "localhost",
+        ],
+        capture_output=True,
+        timeout=SWAKS_TIMEOUT_S,
+        check=False,
+    )
+    output = result.stdout.decode(errors="replace")
+    assert result.returncode == 0, output + result.stderr.decode(errors="replace")
+    assert "TLS started" in output
+    (conn,) = upstream.wait_all_ended()
+    assert len(conn.data) == 1
