@@ -11,10 +11,11 @@ matched by no route or by two. Each problem names its key path, what was
 expected and what was found, shown as it was written:
 `listeners[0].port: expected an integer 0-65535, got "abc"`. This module
 says what each setting must be, except the sections it re-exports:
-`smtpwarden.configtls` defines and reads listeners and upstreams (with TLS,
-AUTH, PROXY protocol and access), `smtpwarden.configroutes` routes, and
-`smtpwarden.configdelivery` retry, health and spool. `smtpwarden.configcheck`
-holds the machinery that checks values and words the problems.
+`smtpwarden.configendpoints` defines and reads listeners and upstreams
+(with `smtpwarden.configtls` for their TLS, AUTH, PROXY protocol and
+access), `smtpwarden.configroutes` routes, and `smtpwarden.configdelivery`
+retry, health and spool. `smtpwarden.configcheck` holds the machinery that
+checks values and words the problems.
 
 Rule 1: this module never prints and never exits the process. It raises
 `ConfigError`; only `smtpwarden.cli.main` reports it and picks an exit code.
@@ -55,16 +56,16 @@ from smtpwarden.configdelivery import LostOutcome as LostOutcome
 from smtpwarden.configdelivery import RetryConfig as RetryConfig
 from smtpwarden.configdelivery import SpoolConfig as SpoolConfig
 from smtpwarden.configdelivery import read_health, read_retry, read_spool
+from smtpwarden.configendpoints import DEFAULT_SINK_FOLDER as DEFAULT_SINK_FOLDER
+from smtpwarden.configendpoints import UPSTREAM_KINDS as UPSTREAM_KINDS
+from smtpwarden.configendpoints import ListenerConfig as ListenerConfig
+from smtpwarden.configendpoints import UpstreamConfig as UpstreamConfig
+from smtpwarden.configendpoints import UpstreamKind as UpstreamKind
+from smtpwarden.configendpoints import read_listeners, read_upstreams
 from smtpwarden.configroutes import POLICIES as POLICIES
 from smtpwarden.configroutes import Policy as Policy
 from smtpwarden.configroutes import RouteConfig as RouteConfig
 from smtpwarden.configroutes import find_route, read_routes
-from smtpwarden.configtls import DEFAULT_SINK_FOLDER as DEFAULT_SINK_FOLDER
-from smtpwarden.configtls import UPSTREAM_KINDS as UPSTREAM_KINDS
-from smtpwarden.configtls import ListenerConfig as ListenerConfig
-from smtpwarden.configtls import UpstreamConfig as UpstreamConfig
-from smtpwarden.configtls import UpstreamKind as UpstreamKind
-from smtpwarden.configtls import read_listeners, read_upstreams
 
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 LogLevel = Literal["debug", "info", "warning", "error"]

@@ -7,8 +7,9 @@ every problem, host, domain and path checks, the helpers that show a value as
 it was written and suggest a close key, and the wording of problems in the
 YAML document itself (keys repeated in one mapping, parse errors). Each
 problem names its key path, what was expected and what was found. Only
-`smtpwarden.config`, `smtpwarden.configroutes` and `smtpwarden.configdelivery`
-import this module; its names are not public API.
+`smtpwarden.config`, `smtpwarden.configroutes`, `smtpwarden.configdelivery`,
+`smtpwarden.configtls` and `smtpwarden.configendpoints` import this module;
+its names are not public API.
 
 Rule 1: no I/O. It opens no file or socket and reads no environment; values
 and YAML nodes arrive already loaded, problems leave as lines of text.
@@ -17,8 +18,9 @@ Rule 2: it never raises `ConfigError`, never prints and never exits. It
 collects problems; `smtpwarden.config` decides when to raise them.
 
 Rule 3: it knows no setting. It imports nothing from the project, so that
-`smtpwarden.config`, `smtpwarden.configroutes` and `smtpwarden.configdelivery`
-can import it without a cycle.
+`smtpwarden.config`, `smtpwarden.configroutes`, `smtpwarden.configdelivery`,
+`smtpwarden.configtls` and `smtpwarden.configendpoints` can import it
+without a cycle.
 """
 
 from __future__ import annotations

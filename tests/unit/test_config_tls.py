@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 from collections.abc import Iterator, Mapping
@@ -548,14 +549,35 @@ def test_listener_problem(listener: dict[str, object], expected: list[str]) -> N
     assert problems(listener) == tuple(expected)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+@contextlib.contextmanager
+def without_root() -> Iterator[None]:
+    """Run as an unprivileged user for a while: root reads any file."""
+    if os.geteuid() != 0:
+        yield
+        return
+    nobody = 65534
+    os.setegid(nobody)
+    os.seteuid(nobody)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
 def test_unreadable_key(pki: Path, tmp_path: Path) -> None:
-    key = tmp_path / "locked.key"
+    certificate, key = tmp_path / "open.crt", tmp_path / "locked.key"
+    certificate.write_bytes((pki / "a.crt").read_bytes())
+    certificate.chmod(0o644)
     key.write_bytes((pki / "a.key").read_bytes())
     key.chmod(0)
-    assert problems({"tls": {"certificate": "a.crt", "key": str(key)}}) == (
-        f"{L}.tls.key: cannot read {show(str(key))}: Permission denied",
-    )
+    # The parent folders must be searchable for the unprivileged user.
+    for folder in (tmp_path, *tmp_path.parents):
+        if folder.stat().st_uid == os.geteuid():
+            folder.chmod(folder.stat().st_mode | 0o011)
+    with without_root():
+        found = problems({"tls": {"certificate": str(certificate), "key": str(key)}})
+    assert found == (f"{L}.tls.key: cannot read {show(str(key))}: Permission denied",)
 
 
 @pytest.mark.parametrize(

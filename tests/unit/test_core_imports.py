@@ -59,6 +59,7 @@ ALLOWED = {
     "config": {"smtpwarden.configcheck"},
     "configcheck": set(),
     "configdelivery": {"smtpwarden.configcheck"},
+    "configendpoints": {"smtpwarden.configcheck", "smtpwarden.configtls"},
     "configroutes": {"smtpwarden.configcheck"},
     "configtls": {"smtpwarden.configcheck"},
     "observe": {"smtpwarden.protocol"},

@@ -176,8 +176,11 @@ def _delivered(attempt: Attempt, phrases: Sequence[str]) -> set[int]:
 
 
 def _report_health(health: Health, target: Target, attempt: Attempt) -> None:
+    # Healthy once it answered MAIL: a greeting followed by a failed EHLO,
+    # STARTTLS or handshake is an upstream that cannot take mail.
     banner = attempt.banner
-    if attempt.connected and banner is not None and banner.code // 100 == 2:
+    greeted = attempt.connected and banner is not None and banner.code // 100 == 2
+    if greeted and attempt.mail is not None:
         health.succeeded(target)
     else:
         health.failed(target)

@@ -136,7 +136,7 @@ class SecureSession(GuardedSession):
         self._encrypted = True
         info = describe(self.client)
         if info is not None:
-            tls = replace(self.tracker.info.tls, client=info.summary)
+            tls = replace(self.tracker.info.tls, client=info.summary, client_subject=info.peer)
             self.tracker.info = replace(self.tracker.info, tls=tls)
 
     def _release_admission(self) -> None:

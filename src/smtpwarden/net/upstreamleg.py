@@ -86,7 +86,8 @@ class UpstreamLeg(SecureSession):
                 info = replace(info, upstream=upstream)
             secured = describe(self.upstream)
             if secured is not None:
-                info = replace(info, tls=replace(info.tls, upstream=secured.summary))
+                tls = replace(info.tls, upstream=secured.summary, upstream_subject=secured.peer)
+                info = replace(info, tls=tls)
             self.tracker.info = info
             self._connector = None
             if self._greeting:

@@ -122,10 +122,12 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tls:
-    """TLS on each leg: "none" until TLS support fills in the version."""
+    """TLS on each leg: version and cipher, or "none"; the peer certificate's subject."""
 
     client: str = "none"
     upstream: str = "none"
+    client_subject: str | None = None  # a client certificate's, when one was verified
+    upstream_subject: str | None = None  # the upstream's verified certificate
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
