@@ -27,7 +27,12 @@ from integration.relay_harness import POLL_S, free_port
 
 # Postfix installs its test programs outside the usual PATH of a non-root user.
 SYSTEM_SBIN = "/usr/sbin"
-PACKAGES = {"smtp-sink": "postfix", "smtp-source": "postfix", "swaks": "swaks"}
+PACKAGES = {
+    "smtp-sink": "postfix",
+    "smtp-source": "postfix",
+    "swaks": "swaks",
+    "haproxy": "haproxy",
+}
 START_TIMEOUT_S = 10.0
 START_ATTEMPTS = 3  # a fresh port each time, in case another program took the last one
 STOP_TIMEOUT_S = 5.0

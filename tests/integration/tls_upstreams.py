@@ -123,7 +123,8 @@ class ScriptedTlsUpstream:
     ``offer_starttls`` puts STARTTLS in the plaintext EHLO reply;
     ``starttls_reply`` answers STARTTLS (anything but a 220 keeps the session
     in plaintext) and ``after_starttls`` is sent in the same write, right
-    after it.
+    after it. ``replies`` maps an upper-cased verb (or "." for the end of
+    data) to raw reply bytes that replace the usual reply.
     """
 
     def __init__(
@@ -135,6 +136,7 @@ class ScriptedTlsUpstream:
         starttls_reply: bytes = STARTTLS_READY,
         after_starttls: bytes = b"",
         ehlo: tuple[str, ...] = DEFAULT_EHLO,
+        replies: dict[str, bytes] | None = None,
     ) -> None:
         self.context = context
         self.implicit = implicit
@@ -142,6 +144,7 @@ class ScriptedTlsUpstream:
         self.starttls_reply = starttls_reply
         self.after_starttls = after_starttls
         self.ehlo = ehlo
+        self.replies = dict(replies or {})
         self.connections: list[TlsConnection] = []
         self._names: list[str | None] = []
         self._changed = threading.Condition()
@@ -233,14 +236,15 @@ class ScriptedTlsUpstream:
                     with self._changed:
                         record.data.append(section)
                         self._changed.notify_all()
-                    sock.sendall(b"250 2.0.0 Ok: queued\r\n")
+                    sock.sendall(self.replies.get(".", b"250 2.0.0 Ok: queued\r\n"))
                 elif verb == b"QUIT":
                     sock.sendall(b"221 2.0.0 Bye\r\n")
                     return
                 elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
-                    sock.sendall(b"250 2.0.0 Ok\r\n")
+                    sock.sendall(self.replies.get(verb.decode("ascii"), b"250 2.0.0 Ok\r\n"))
                 else:
-                    sock.sendall(b"502 5.5.2 Error: command not recognized\r\n")
+                    refused = b"502 5.5.2 Error: command not recognized\r\n"
+                    sock.sendall(self.replies.get(verb.decode("ascii", "replace"), refused))
         except (_HandshakeFailed, EOFError, OSError):
             pass
         finally:

@@ -19,7 +19,7 @@ import time
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.flow import Hold, ReadGate
 from smtpwarden.net.replay import Guard
-from smtpwarden.net.upstream import reply_timeout
+from smtpwarden.net.upstream import UpstreamProtocol, reply_timeout
 from smtpwarden.protocol.events import Command, Verb
 from smtpwarden.protocol.records import ReplyInfo
 from smtpwarden.protocol.replies import Reply
@@ -156,10 +156,20 @@ class SessionEnd(asyncio.Protocol):
         else:
             self._answer(command, verb, reply)
 
-    def _abort_upstream(self) -> None:
-        if self.upstream is not None:
-            self.upstream.abort()
-            self.upstream = None
+    def _abort_upstream(self, *, polite: bool = False) -> None:
+        """Drop the upstream connection; ``polite``: with a QUIT, it is still in step."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        self.upstream = None
+        protocol = upstream.get_protocol()
+        if isinstance(protocol, UpstreamProtocol):
+            protocol.detach()
+        if polite and not upstream.is_closing():
+            upstream.write(b"QUIT\r\n")
+            upstream.close()
+        else:
+            upstream.abort()
 
     def _end(
         self,

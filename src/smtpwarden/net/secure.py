@@ -39,6 +39,7 @@ from smtpwarden.protocol.extensions import ExtensionPolicy
 from smtpwarden.protocol.proxy import ProxyHeaderReader
 from smtpwarden.protocol.records import Peer
 from smtpwarden.protocol.replies import Reply
+from smtpwarden.protocol.state import ServerState
 
 log = logging.getLogger("smtpwarden.session")
 
@@ -61,6 +62,20 @@ class SecureSession(GuardedSession):
     _encrypted: bool
     _message_bytes: int
     _auth: AuthIdentity | None  # the AUTH exchange under way
+    _upstream_auth: frozenset[str]  # the mechanisms the upstream's EHLO offered
+    _early: list[bytes]  # what the client sent over TLS before the handshake's end was seen
+
+    def _init_secure(self) -> None:
+        self._proxy = None  # the PROXY header reader, until the header is in
+        self._opening_since = 0.0
+        self._address = None  # the client's address as limits count it
+        self._admitted = False
+        self._tls_pending = False
+        self._handshake = None
+        self._encrypted = False  # TLS with the client
+        self._early = []
+        self._auth = None
+        self._upstream_auth = frozenset()
 
     def _connect_upstream(self) -> None:
         """Open the upstream connection; see ``Session``."""
@@ -235,7 +250,15 @@ class SecureSession(GuardedSession):
         self.gate.rebind(transport)
         self._now_encrypted()
         self._tls_started()
+        early, self._early = self._early, []
+        for data in early:
+            # The client's first commands over TLS, read before this
+            # coroutine resumed: they are the session's, not injected.
+            self.core.receive_data(data)
         self.gate.resume(Hold.TLS)
+        if early:
+            self._pump_client()
+            self._flush()
 
     # -- AUTH, passed through ----------------------------------------------------
 
@@ -250,7 +273,13 @@ class SecureSession(GuardedSession):
             return replies.auth_encryption  # RFC 4954 6
         if self.tracker.in_transaction:
             return replies.auth_in_transaction  # RFC 4954 4
-        if not isinstance(command, Auth) or command.mechanism not in auth.mechanisms:
+        if not self._upstream_auth:
+            return replies.auth_unavailable  # the upstream offered none: not offered
+        if (
+            not isinstance(command, Auth)
+            or command.mechanism not in auth.mechanisms
+            or command.mechanism not in self._upstream_auth
+        ):
             return replies.auth_mechanism
         self._auth = AuthIdentity(command.mechanism, command.initial)
         return None
@@ -271,7 +300,10 @@ class SecureSession(GuardedSession):
         if reply.code == 334 and self._auth is not None:
             self.core.expect_auth_response()
             return
-        self.core.auth_done()
+        if self.core.state is ServerState.AWAIT_AUTH:
+            # Not after a response line the reader refused: it went back
+            # to commands then, and the relay cancelled upstream.
+            self.core.auth_done()
         if reply.code == 235 and self._auth is not None:
             # Only the identity is kept (RFC 4954 has the server log it);
             # what proved it never leaves the connection.

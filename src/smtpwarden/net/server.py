@@ -173,6 +173,12 @@ class Relay:
                 folder,
             )
             return Target(name=upstream.name, host="127.0.0.1", port=port)
+        if upstream.tls.mode != "none" and not upstream.tls.verify:
+            log.warning(
+                "upstream %s: TLS certificate verification is off (tls.verify: false): "
+                "anyone between here and it can read and change the mail",
+                upstream.name,
+            )
         return Target(
             name=upstream.name,
             host=upstream.host,

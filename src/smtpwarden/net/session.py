@@ -103,22 +103,9 @@ class Session(UpstreamLeg):
         self._last_client = _now()
         self._client_bytes = 0
         self._upstream_bytes = 0
-        self._proxy = None  # the PROXY header reader, until the header is in
-        self._opening_since = 0.0
-        self._address = None  # the client's address as limits count it
-        self._admitted = False
-        self._tls_pending = False
-        self._handshake: asyncio.Task[None] | None = None
-        self._encrypted = False  # TLS with the client
         self._message_bytes = 0  # octets of the current message so far
-        self._auth = None  # the AUTH exchange under way
-        self._preamble = None  # STARTTLS and XCLIENT towards the upstream, if any
-        self._preamble_done = None
-        self._greeting = b""
-        self._xclient_sent = False
-        self._xforward = False
-        self._esmtp = False
-        self._upstream_tls: asyncio.Task[None] | None = None
+        self._init_secure()
+        self._init_upstream_leg()
 
     # -- the client's connection ---------------------------------------------
 
@@ -169,6 +156,11 @@ class Session(UpstreamLeg):
             return
         if self._proxy is not None:
             self._proxy_data(data)
+            return
+        if self._handshake is not None:
+            # Decrypted data before the handshake coroutine resumed: the
+            # client's first commands over TLS, kept for after the reset.
+            self._early.append(data)
             return
         self.core.receive_data(data)
         if self._awaiting_end and self.core.buffered > AWAITING_END_BUFFER_BYTES:
@@ -467,9 +459,7 @@ class Session(UpstreamLeg):
                 policy = self.extension_policy
                 data, offered = reconcile(reply, policy)
                 self._chunking = "CHUNKING" in offered and policy.chunking
-                self._xforward = (
-                    self.target.xforward and not self._xclient_sent and "XFORWARD" in offered
-                )
+                self._upstream_offers(offered)
                 out.append(data)
             case Verb.DATA:
                 out.append(reply.raw)

@@ -11,7 +11,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 from smtpwarden.config import HealthConfig, TimeoutsConfig
 from smtpwarden.configtls import UpstreamTls
@@ -43,13 +43,43 @@ class UpstreamEvents(Protocol):
     def upstream_drained(self) -> None: ...
 
 
+class _Detached:
+    """Where the callbacks of a connection the session gave up on go: nowhere."""
+
+    def upstream_made(self, transport: asyncio.Transport) -> None:
+        transport.abort()
+
+    def upstream_data(self, data: bytes) -> None:
+        pass
+
+    def upstream_lost(self) -> None:
+        pass
+
+    def upstream_full(self) -> None:
+        pass
+
+    def upstream_drained(self) -> None:
+        pass
+
+
+_DETACHED: Final = _Detached()
+
+
 class UpstreamProtocol(asyncio.Protocol):
     """Hands the upstream connection's callbacks to its session."""
 
     __slots__ = ("events",)
 
     def __init__(self, events: UpstreamEvents) -> None:
-        self.events = events
+        self.events: UpstreamEvents = events
+
+    def detach(self) -> None:
+        """The session is done with this connection: ignore what it still reports.
+
+        A session that drops one upstream connection and opens another must
+        not take the old one's late "connection lost" for the new one's.
+        """
+        self.events = _DETACHED
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Handed over here, not when the connecting coroutine resumes: the

@@ -27,6 +27,7 @@ from smtpwarden.net.secure import SecureSession
 from smtpwarden.net.tls import describe, server_name, starttls_policy
 from smtpwarden.net.upstream import Target, connect
 from smtpwarden.protocol.errors import MalformedReply
+from smtpwarden.protocol.extensions import Extensions
 from smtpwarden.protocol.identity import xclient_command, xforward_command
 from smtpwarden.protocol.preamble import Action, Done, Fail, Send, StartTls, UpstreamPreamble
 from smtpwarden.protocol.records import Upstream
@@ -50,6 +51,15 @@ class UpstreamLeg(SecureSession):
     _connecting: Target  # the upstream the preamble runs with
     _upstream_tls: asyncio.Task[None] | None  # the handshake with the upstream
 
+    def _init_upstream_leg(self) -> None:
+        self._preamble = None  # STARTTLS and XCLIENT towards the upstream, if any
+        self._preamble_done = None
+        self._greeting = b""
+        self._xclient_sent = False
+        self._xforward = False
+        self._esmtp = False
+        self._upstream_tls = None
+
     def _connect_upstream(self) -> None:
         self.gate.pause(Hold.CONNECT)
         self._connector = asyncio.get_running_loop().create_task(self._connect())
@@ -59,11 +69,18 @@ class UpstreamLeg(SecureSession):
         ctx = self.ctx
         timeouts = ctx.config.timeouts
         for target in ctx.health.order(ctx.routes.default.targets):
+            # Ready before connecting: the banner may arrive, and be read,
+            # before this coroutine resumes.
+            self.target = target
+            done = self._prepare_preamble(target)
             try:
                 await connect(target, self, timeouts.connect)
-                failure = await self._run_preamble(target)
+                failure = None if done is None else await self._await_preamble(done)
             except (OSError, TimeoutError, ssl.SSLError) as error:
                 failure = str(error) or "timeout"
+            finally:
+                self._preamble = None
+                self._preamble_done = None
             if failure is not None:
                 ctx.health.failed(target)
                 log.warning(
@@ -79,14 +96,18 @@ class UpstreamLeg(SecureSession):
                 )
                 continue
             ctx.health.succeeded(target)
-            self.target = target
             info = self.tracker.info
             if target is not ctx.target:
                 upstream = Upstream(name=target.name, address=target.host, port=target.port)
                 info = replace(info, upstream=upstream)
             secured = describe(self.upstream)
             if secured is not None:
-                tls = replace(info.tls, upstream=secured.summary, upstream_subject=secured.peer)
+                tls = replace(
+                    info.tls,
+                    upstream=secured.summary,
+                    upstream_subject=secured.peer,
+                    upstream_verified=target.tls.verify,
+                )
                 info = replace(info, tls=tls)
             self.tracker.info = info
             self._connector = None
@@ -149,8 +170,13 @@ class UpstreamLeg(SecureSession):
 
     # -- the preamble ------------------------------------------------------------
 
-    async def _run_preamble(self, target: Target) -> str | None:
-        """Run STARTTLS and XCLIENT if configured; the failure, or None."""
+    def _prepare_preamble(self, target: Target) -> asyncio.Future[str | None] | None:
+        """Set up STARTTLS and XCLIENT for ``target``, if configured.
+
+        Returns the future that gets the preamble's failure (or None once it
+        is done); None when there is no preamble and the banner comes the
+        usual way.
+        """
         policy = starttls_policy(target.tls) if target.tls.mode == "starttls" else "none"
         xclient = None
         if target.xclient:
@@ -159,20 +185,20 @@ class UpstreamLeg(SecureSession):
         self._xclient_sent = False
         self._connecting = target
         if policy == "none" and xclient is None:
-            return None  # the banner comes the usual way
-        hostname = self.ctx.config.hostname
-        self._preamble = UpstreamPreamble(hostname, policy, xclient)
+            return None
+        self._preamble = UpstreamPreamble(self.ctx.config.hostname, policy, xclient)
         done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._preamble_done = done
+        return done
+
+    async def _await_preamble(self, done: asyncio.Future[str | None]) -> str | None:
+        """The preamble's failure, or None once it is done."""
         timeouts = self.ctx.config.timeouts
         try:
             async with asyncio.timeout(timeouts.banner + timeouts.connect + 3 * timeouts.reply):
                 return await done
         except TimeoutError:
             return "no answer during the greeting (STARTTLS/XCLIENT)"
-        finally:
-            self._preamble = None
-            self._preamble_done = None
 
     def _preamble_reply(self, preamble: UpstreamPreamble) -> None:
         """Feed the preamble the replies read so far."""
@@ -195,10 +221,14 @@ class UpstreamLeg(SecureSession):
                 self._xclient_sent = xclient_sent
                 self._greeting = banner.raw
                 self._preamble_finished(None)
-            case Fail(reason, _):
-                self._preamble_finished(reason)
+            case Fail(reason, polite):
+                self._preamble_finished(reason, polite=polite)
 
-    def _preamble_finished(self, failure: str | None) -> None:
+    def _preamble_finished(self, failure: str | None, *, polite: bool = False) -> None:
+        if failure is not None:
+            # Given up at once, so that nothing this connection still
+            # reports is taken for the next upstream's.
+            self._abort_upstream(polite=polite)
         self._preamble = None
         done = self._preamble_done
         if done is not None and not done.done():
@@ -230,7 +260,13 @@ class UpstreamLeg(SecureSession):
         self.upstream = secured
         self._preamble_act(preamble.tls_started())
 
-    # -- XFORWARD ----------------------------------------------------------------
+    # -- what the upstream offers, and XFORWARD -------------------------------------
+
+    def _upstream_offers(self, offered: Extensions) -> None:
+        """The upstream's EHLO reply to the client's EHLO: what it will take."""
+        self._xforward = self.target.xforward and not self._xclient_sent and "XFORWARD" in offered
+        mechanisms = offered.keywords.get("AUTH", b"").upper().split()
+        self._upstream_auth = frozenset(name.decode("ascii", "replace") for name in mechanisms)
 
     def _send_xforward(self) -> None:
         """Before a MAIL: the client's identity for this transaction."""

@@ -128,6 +128,9 @@ class Tls:
     upstream: str = "none"
     client_subject: str | None = None  # a client certificate's, when one was verified
     upstream_subject: str | None = None  # the upstream's verified certificate
+    # False when the upstream's certificate was not checked (tls.verify:
+    # false); None without TLS to the upstream.
+    upstream_verified: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
