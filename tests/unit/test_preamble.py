@@ -53,13 +53,28 @@ def test_nothing_to_do_ends_at_the_banner() -> None:
     assert machine.ended
 
 
-@pytest.mark.parametrize("policy", ["none", "opportunistic", "required"])
-@pytest.mark.parametrize(
-    "raw", [b"554 5.3.2 not now\r\n", b"421 4.3.2 busy\r\n", b"450-busy\r\n450 try later\r\n"]
-)
+REFUSING_BANNERS = [
+    b"554 5.3.2 not now\r\n",
+    b"421 4.3.2 busy\r\n",
+    b"450-busy\r\n450 try later\r\n",
+]
+
+
+@pytest.mark.parametrize("policy", ["none", "opportunistic"])
+@pytest.mark.parametrize("raw", REFUSING_BANNERS)
 def test_a_refusing_banner_is_relayed_as_is(policy: StartTlsPolicy, raw: bytes) -> None:
     banner = parse_reply(raw)
     assert preamble(policy, XCLIENT).receive(banner) == Done(banner, None, False)
+
+
+@pytest.mark.parametrize("raw", REFUSING_BANNERS)
+def test_a_refusing_banner_fails_an_upstream_that_must_use_tls(raw: bytes) -> None:
+    # Relayed, it would start a session that never gets TLS; anyone on the
+    # path could send it.
+    action = preamble("required", XCLIENT).receive(parse_reply(raw))
+    assert isinstance(action, Fail)
+    assert action.reason.startswith("banner ")
+    assert action.polite
 
 
 @pytest.mark.parametrize("raw", [b"250 hello\r\n", b"354 go ahead\r\n", b"221 bye\r\n"])

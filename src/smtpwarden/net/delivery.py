@@ -49,7 +49,7 @@ QUIT_WAIT_S = 5.0
 ERROR_TEXT_CHARS = 200
 END_OF_DATA = b"\r\n.\r\n"
 # RFC 5321 4.1.1.1: EHLO takes a domain or an address literal.
-_HOST_NAME = re.compile(rb"[A-Za-z0-9][A-Za-z0-9.-]*|\[(?:IPv6:)?[0-9A-Fa-f:.]+\]")
+_HOST_NAME = re.compile(rb"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[(?:IPv6:)?[0-9A-Fa-f:.]+\]")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

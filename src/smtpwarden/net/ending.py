@@ -200,6 +200,10 @@ class SessionEnd(asyncio.Protocol):
         if upstream is not None:
             # Between transactions: take leave politely. Every path that
             # ends a session mid-message has aborted the upstream already.
+            if self.core.state in (ServerState.AWAIT_AUTH, ServerState.AUTH_RESPONSE):
+                # Mid-AUTH a QUIT would be read as the client's response
+                # (it is valid base64): cancel the exchange first.
+                upstream.write(b"*\r\n")
             if not self._quitting:
                 upstream.write(b"QUIT\r\n")
             upstream.close()

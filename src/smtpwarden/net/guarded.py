@@ -13,6 +13,7 @@ keep their order (RFC 2920 3.1).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from smtpwarden.net.ending import SessionEnd
 from smtpwarden.net.flow import Hold
@@ -32,6 +33,8 @@ class GuardedSession(SessionEnd):
     target: Target
     _route: Route | None  # the current transaction's, once it has a RCPT
     _recipients: int  # RCPTs sent in the current transaction
+    _message_bytes: int  # octets of the current message so far
+    _message_failed: bool  # a BDAT chunk was refused: so is the rest
     _awaiting_end: bool
     _resume_pump: bool
     _quitting: bool
@@ -44,8 +47,23 @@ class GuardedSession(SessionEnd):
     def _new_transaction(self) -> None:
         """MAIL, RSET, EHLO or HELO: what belonged to the last transaction goes."""
         self._recipients = 0
+        self._message_bytes = 0
+        self._message_failed = False
         self._route = None
         self.guard.release()  # a held copy belongs to one transaction
+
+    def _message_route(self) -> Route:
+        """The route the message now starting follows.
+
+        After AUTH it is relayed as under passthrough: a replay or a spool
+        delivery could not authenticate again, since the relay keeps no
+        credentials, and an upstream that wants AUTH would refuse it for
+        good. The client, told 4xx, tries again itself.
+        """
+        route = self._route or self.ctx.routes.default
+        if route.guarded and self.tracker.info.auth is not None:
+            return replace(route, policy="passthrough")
+        return route
 
     def _same_route(self, command: Command) -> bool:
         """True if this RCPT follows the transaction's route (its first RCPT sets it)."""

@@ -27,6 +27,8 @@ class LocalReplies:
     message_too_big: Reply
     auth_unavailable: Reply
     auth_encryption: Reply
+    auth_already: Reply
+    tls_after_auth: Reply
     auth_mechanism: Reply
     auth_in_transaction: Reply
     shutting_down: Reply
@@ -76,6 +78,8 @@ class LocalReplies:
                 538, "5.7.11", "Encryption required for requested authentication mechanism"
             ),
             auth_in_transaction=make_reply(503, "5.5.1", "AUTH not allowed in a transaction"),
+            auth_already=make_reply(503, "5.5.1", "Already authenticated"),
+            tls_after_auth=make_reply(503, "5.5.1", "STARTTLS not allowed after AUTH"),
             # X.3.2: system not accepting network messages.
             shutting_down=make_reply(421, "4.3.2", f"{hostname} Service shutting down"),
             # X.4.1: no answer from host.

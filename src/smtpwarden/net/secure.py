@@ -64,6 +64,10 @@ class SecureSession(GuardedSession):
     _auth: AuthIdentity | None  # the AUTH exchange under way
     _upstream_auth: frozenset[str]  # the mechanisms the upstream's EHLO offered
     _early: list[bytes]  # what the client sent over TLS before the handshake's end was seen
+    _forgotten: bool  # the relay no longer counts this session
+    _chunking: bool  # the upstream offered CHUNKING (to the client's last EHLO)
+    _xforward: bool  # XFORWARD goes before each MAIL
+    _esmtp: bool  # the client greeted with EHLO
 
     def _init_secure(self) -> None:
         self._proxy = None  # the PROXY header reader, until the header is in
@@ -76,6 +80,7 @@ class SecureSession(GuardedSession):
         self._early = []
         self._auth = None
         self._upstream_auth = frozenset()
+        self._forgotten = False
 
     def _connect_upstream(self) -> None:
         """Open the upstream connection; see ``Session``."""
@@ -154,10 +159,21 @@ class SecureSession(GuardedSession):
             tls = replace(self.tracker.info.tls, client=info.summary, client_subject=info.peer)
             self.tracker.info = replace(self.tracker.info, tls=tls)
 
-    def _release_admission(self) -> None:
+    def _forget(self) -> None:
+        """The client connection is gone: the relay stops counting this session.
+
+        Called when the connection is lost, and when a TLS handshake ends
+        without one: the event loop's TLS layer owns the connection then,
+        and a connection lost during the handshake is never reported.
+        """
+        if self._forgotten:
+            return
+        self._forgotten = True
         if self._admitted:
             self._admitted = False
             self.ctx.admission.release(self._address)
+        self.ctx.sessions.discard(self)
+        self.ctx.on_end()
 
     def opening_expired(self, now: float) -> bool:
         """True (and the session ended) if the PROXY header or handshake is late."""
@@ -189,6 +205,8 @@ class SecureSession(GuardedSession):
                 return replies.not_implemented
             if self._encrypted:
                 return replies.tls_active
+            if self.tracker.info.auth is not None:
+                return replies.tls_after_auth
             if self.tracker.in_transaction or self.tracker.awaiting:
                 # RFC 3207 4: not inside a transaction; and every reply the
                 # client awaits must be read before the handshake starts.
@@ -218,6 +236,11 @@ class SecureSession(GuardedSession):
         # client starts again with EHLO.
         self.core.reset_after_tls()
         self.guard.release()
+        self.tracker.helo = None
+        self._chunking = False
+        self._xforward = False
+        self._esmtp = False
+        self._upstream_auth = frozenset()
 
     def _start_handshake(self) -> None:
         context = self.ctx.tls_context
@@ -240,6 +263,8 @@ class SecureSession(GuardedSession):
                     str(error) or type(error).__name__,
                 )
                 self._client_gone("tls_failed")
+            self.client.abort()
+            self._forget()
             return
         self._handshake = None
         if self._has_ended() or transport is None:
@@ -271,6 +296,8 @@ class SecureSession(GuardedSession):
             return replies.not_implemented  # never offered
         if auth.require_tls and not self._encrypted:
             return replies.auth_encryption  # RFC 4954 6
+        if self.tracker.info.auth is not None:
+            return replies.auth_already  # RFC 4954 4: one AUTH per session
         if self.tracker.in_transaction:
             return replies.auth_in_transaction  # RFC 4954 4
         if not self._upstream_auth:

@@ -104,6 +104,7 @@ class Session(UpstreamLeg):
         self._client_bytes = 0
         self._upstream_bytes = 0
         self._message_bytes = 0  # octets of the current message so far
+        self._message_failed = False  # a BDAT chunk was refused: so is the rest
         self._init_secure()
         self._init_upstream_leg()
 
@@ -183,9 +184,7 @@ class Session(UpstreamLeg):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._closed:
             self._client_gone("client_lost")
-        self._release_admission()
-        self.ctx.sessions.discard(self)
-        self.ctx.on_end()
+        self._forget()
 
     def pause_writing(self) -> None:
         # The client is not reading what it is sent: stop producing more,
@@ -300,13 +299,14 @@ class Session(UpstreamLeg):
                     # stays in step (RFC 3030 2: the size says where it ends).
                     self._refuse(command, verb, replies.chunking_not_offered)
                     return
-                if not self._in_body:
-                    self._message_bytes = 0
                 self._message_bytes += command.size
                 limit = self.ctx.config.limits.max_message_bytes
-                if limit and self._message_bytes > limit:
-                    # Refused before a byte of it goes on; RFC 3030 4.2: the
-                    # transaction has failed, and the client's RSET clears it.
+                if self._message_failed or (limit and self._message_bytes > limit):
+                    # Refused before a byte of it goes on, and so is every
+                    # later chunk: RFC 3030 4.2, the transaction has failed
+                    # and the client's RSET clears it. A chunk let through
+                    # now would leave a hole in the message.
+                    self._message_failed = True
                     self._chunk_dropped = True
                     self._in_body = False
                     self.guard.release()
@@ -315,12 +315,12 @@ class Session(UpstreamLeg):
                 self._in_body = True
                 self._body_kind = "bdat"
                 line = command.wire
-                self.guard.hold("bdat", self._route or self.ctx.routes.default)
+                self.guard.hold("bdat", self._message_route())
             case Verb.DATA:
                 self._in_body = True
                 self._message_bytes = 0
                 self._body_kind = "data"
-                self.guard.hold("data", self._route or self.ctx.routes.default)
+                self.guard.hold("data", self._message_route())
             case Verb.HELO:
                 self._chunking = False  # HELO offers no extensions (RFC 5321 4.1.1.1)
                 self._xforward = False

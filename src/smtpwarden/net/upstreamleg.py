@@ -22,6 +22,7 @@ import ssl
 import time
 from dataclasses import replace
 
+from smtpwarden.net.admission import client_address
 from smtpwarden.net.flow import Hold
 from smtpwarden.net.secure import SecureSession
 from smtpwarden.net.tls import describe, server_name, starttls_policy
@@ -66,6 +67,16 @@ class UpstreamLeg(SecureSession):
 
     async def _connect(self) -> None:
         """Connect to the route's first usable upstream, failing over in order."""
+        try:
+            await self._connect_in_turn()
+        except Exception:
+            # A bug must not leave the client without a banner for ever.
+            log.exception("session %s: connecting upstream failed", self.tracker.info.session_id)
+            self._connector = None
+            self._abort_upstream()
+            self._end(self.ctx.replies.upstream_unavailable, "upstream_unreachable", failed=True)
+
+    async def _connect_in_turn(self) -> None:
         ctx = self.ctx
         timeouts = ctx.config.timeouts
         for target in ctx.health.order(ctx.routes.default.targets):
@@ -181,7 +192,11 @@ class UpstreamLeg(SecureSession):
         xclient = None
         if target.xclient:
             client = self.tracker.info.client
-            xclient = xclient_command(client.address, client.port)
+            # An IPv4-mapped IPv6 address goes as the IPv4 address it is.
+            address = client_address(client.address)
+            xclient = xclient_command(
+                client.address if address is None else str(address), client.port
+            )
         self._xclient_sent = False
         self._connecting = target
         if policy == "none" and xclient is None:

@@ -47,7 +47,8 @@ STARTTLS_POLICIES: Final[tuple[StartTlsPolicy, ...]] = ("none", "opportunistic",
 # Reply text quoted in a ``Fail`` reason: a line of a log, not a transcript.
 REASON_TEXT_CHARS: Final = 200
 # RFC 5321 4.1.1.1: EHLO takes a domain or an address literal.
-_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*|\[(?:IPv6:)?[0-9A-Fa-f:.]+\]", re.ASCII)
+# Underscores too: the configuration accepts them, as real host names have them.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[(?:IPv6:)?[0-9A-Fa-f:.]+\]", re.ASCII)
 
 _State = Literal["banner", "ehlo", "starttls", "handshake", "ehlo_tls", "xclient", "ended"]
 
@@ -158,6 +159,11 @@ class UpstreamPreamble:
     def _on_banner(self, reply: Reply) -> Action:
         self._banner = reply
         if reply.code // 100 in (4, 5):
+            if self._starttls == "required":
+                # A banner that refuses is not relayed to a client whose
+                # session must go over TLS: anyone on the path could send
+                # it, and what followed would go in plaintext.
+                return self._fail(f"banner {_brief(reply)}", polite=True)
             return self._done(reply, xclient_sent=False)  # the client gets it as is
         if reply.code != 220:
             return self._fail(f"unexpected banner {_brief(reply)}")

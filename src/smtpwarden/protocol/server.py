@@ -235,12 +235,16 @@ class ServerConnection:
         return line, None
 
     def _next_command(self) -> Event | Signal:
-        taken = self._take_line(self._max_line)
+        # RFC 4954 4: an AUTH line with its initial response may be as long
+        # as a response line (OAuth tokens pass 2 KiB).
+        head = self._buf[self._pos : self._pos + 5]
+        limit = self._max_auth_line if head.upper() == b"AUTH " else self._max_line
+        taken = self._take_line(limit)
         if taken is None:
             return NEED_DATA
         line, flaw = taken
         if flaw is _Flaw.TOO_LONG:
-            error = LineTooLong(f"command line longer than {self._max_line} octets")
+            error = LineTooLong(f"command line longer than {limit} octets")
             return BadCommand(line=line, verb=None, error=error)
         if flaw is _Flaw.BARE_LINE_ENDING:
             return BadCommand(
