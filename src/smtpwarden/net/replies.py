@@ -29,6 +29,7 @@ class LocalReplies:
     auth_encryption: Reply
     auth_already: Reply
     tls_after_auth: Reply
+    ehlo_first: Reply
     auth_mechanism: Reply
     auth_in_transaction: Reply
     shutting_down: Reply
@@ -80,6 +81,7 @@ class LocalReplies:
             auth_in_transaction=make_reply(503, "5.5.1", "AUTH not allowed in a transaction"),
             auth_already=make_reply(503, "5.5.1", "Already authenticated"),
             tls_after_auth=make_reply(503, "5.5.1", "STARTTLS not allowed after AUTH"),
+            ehlo_first=make_reply(503, "5.5.1", "Send EHLO first"),
             # X.3.2: system not accepting network messages.
             shutting_down=make_reply(421, "4.3.2", f"{hostname} Service shutting down"),
             # X.4.1: no answer from host.

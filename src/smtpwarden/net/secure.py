@@ -68,6 +68,7 @@ class SecureSession(GuardedSession):
     _chunking: bool  # the upstream offered CHUNKING (to the client's last EHLO)
     _xforward: bool  # XFORWARD goes before each MAIL
     _esmtp: bool  # the client greeted with EHLO
+    _needs_ehlo: bool  # TLS started and no EHLO or HELO came since
 
     def _init_secure(self) -> None:
         self._proxy = None  # the PROXY header reader, until the header is in
@@ -81,6 +82,7 @@ class SecureSession(GuardedSession):
         self._auth = None
         self._upstream_auth = frozenset()
         self._forgotten = False
+        self._needs_ehlo = False
 
     def _connect_upstream(self) -> None:
         """Open the upstream connection; see ``Session``."""
@@ -215,6 +217,10 @@ class SecureSession(GuardedSession):
         required = tls is not None and tls.require and not self._encrypted
         if required and verb in (Verb.MAIL, Verb.AUTH):
             return replies.tls_required
+        if self._needs_ehlo and verb in (Verb.MAIL, Verb.AUTH):
+            # RFC 3207 4.2: the upstream still holds the EHLO from before
+            # TLS; the client must greet again first.
+            return replies.ehlo_first
         return None
 
     def _starttls(self, command: Command) -> None:
@@ -237,6 +243,7 @@ class SecureSession(GuardedSession):
         self.core.reset_after_tls()
         self.guard.release()
         self.tracker.helo = None
+        self._needs_ehlo = True
         self._chunking = False
         self._xforward = False
         self._esmtp = False

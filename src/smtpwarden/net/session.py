@@ -325,9 +325,11 @@ class Session(UpstreamLeg):
                 self._chunking = False  # HELO offers no extensions (RFC 5321 4.1.1.1)
                 self._xforward = False
                 self._esmtp = False
+                self._needs_ehlo = False
                 self._new_transaction()
             case Verb.EHLO:
                 self._esmtp = True
+                self._needs_ehlo = False
                 self._new_transaction()
             case Verb.RSET:
                 self._new_transaction()
