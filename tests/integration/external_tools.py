@@ -32,6 +32,7 @@ PACKAGES = {
     "smtp-source": "postfix",
     "swaks": "swaks",
     "haproxy": "haproxy",
+    "chromium": "chromium",
 }
 START_TIMEOUT_S = 10.0
 START_ATTEMPTS = 3  # a fresh port each time, in case another program took the last one
