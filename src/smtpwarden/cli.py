@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from smtpwarden import __version__, queuecli
+from smtpwarden import __version__, queuecli, reportcli, transcriptcli
 from smtpwarden.config import (
     CLI_SOURCE,
     DEFAULT_SINK_FOLDER,
@@ -52,6 +52,9 @@ examples:
   smtpwarden sink --dir ./captured          a test upstream that stores mail
   smtpwarden diagnose '550 5.1.1 No user'   explain a reply (or - for a transcript)
   smtpwarden queue list                     list the messages waiting in the spool
+  smtpwarden transcript list                list captured session transcripts
+  smtpwarden replay ID --to HOST:PORT       replay a captured session against an MTA
+  smtpwarden report transactions.jsonl      summarise a transaction log (--html FILE for a page)
 
 Run "smtpwarden COMMAND --help" for the options of each command."""
 
@@ -323,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.set_defaults(handler=_diagnose, command_parser=diagnose)
 
     _add_queue(commands)
+    transcriptcli.add_commands(commands, _transcript)
+    reportcli.add_command(commands)
     return parser
 
 
@@ -415,6 +420,19 @@ def _queue(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for failure in outcome.failures:
         print(f"smtpwarden queue: {failure}", file=sys.stderr)
     return EXIT_FAILURE if outcome.failures else EXIT_OK
+
+
+def _transcript(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    outcome = transcriptcli.run(parser, args, now=time.time(), emit=_emit)
+    if outcome.text is not None:
+        print(outcome.text)
+    for failure in outcome.failures:
+        print(f"smtpwarden {parser.prog.split()[-1]}: {failure}", file=sys.stderr)
+    return EXIT_FAILURE if outcome.failures else EXIT_OK
+
+
+def _emit(line: str) -> None:
+    print(line, flush=True)
 
 
 _Handler = Callable[[argparse.ArgumentParser, argparse.Namespace], int]

@@ -13,9 +13,11 @@ expected and what was found, shown as it was written:
 says what each setting must be, except the sections it re-exports:
 `smtpwarden.configendpoints` defines and reads listeners and upstreams
 (with `smtpwarden.configtls` for their TLS, AUTH, PROXY protocol and
-access), `smtpwarden.configroutes` routes, and `smtpwarden.configdelivery`
-retry, health and spool. `smtpwarden.configcheck` holds the machinery that
-checks values and words the problems.
+access), `smtpwarden.configroutes` routes, `smtpwarden.configdelivery`
+retry, health and spool, `smtpwarden.configobserve` the HTTP endpoint, and
+`smtpwarden.configtranscripts` transcript capture and retention.
+`smtpwarden.configcheck` holds the machinery that checks values and words
+the problems.
 
 Rule 1: this module never prints and never exits the process. It raises
 `ConfigError`; only `smtpwarden.cli.main` reports it and picks an exit code.
@@ -62,10 +64,18 @@ from smtpwarden.configendpoints import ListenerConfig as ListenerConfig
 from smtpwarden.configendpoints import UpstreamConfig as UpstreamConfig
 from smtpwarden.configendpoints import UpstreamKind as UpstreamKind
 from smtpwarden.configendpoints import read_listeners, read_upstreams
+from smtpwarden.configobserve import HttpConfig as HttpConfig
+from smtpwarden.configobserve import read_http
 from smtpwarden.configroutes import POLICIES as POLICIES
 from smtpwarden.configroutes import Policy as Policy
 from smtpwarden.configroutes import RouteConfig as RouteConfig
 from smtpwarden.configroutes import find_route, read_routes
+from smtpwarden.configtranscripts import CAPTURE_MODES as CAPTURE_MODES
+from smtpwarden.configtranscripts import CaptureMode as CaptureMode
+from smtpwarden.configtranscripts import ListenerTranscripts as ListenerTranscripts
+from smtpwarden.configtranscripts import TranscriptMatch as TranscriptMatch
+from smtpwarden.configtranscripts import TranscriptsConfig as TranscriptsConfig
+from smtpwarden.configtranscripts import read_transcripts
 
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -170,6 +180,8 @@ class Config:
     timeouts: TimeoutsConfig
     shutdown: ShutdownConfig
     log: LogConfig
+    http: HttpConfig
+    transcripts: TranscriptsConfig
     source: str
 
 
@@ -263,6 +275,9 @@ def parse_config(data: object, *, source: str) -> Config:
     timeouts = TimeoutsConfig(**check.section(top, "timeouts", _TIMEOUT_RULES))
     shutdown = ShutdownConfig(**check.section(top, "shutdown", _SHUTDOWN_RULES))
     log = _log(check, top)
+    listening = [(f"listeners[{i}]", item.host, item.port) for i, item in enumerate(listeners)]
+    http = read_http(check, top, listening)
+    transcripts = read_transcripts(check, top)
     if check.problems:
         # Sections are checked in dependency order; report them in reading
         # order, then missing keys in the order of _TOP_KEYS.
@@ -280,6 +295,8 @@ def parse_config(data: object, *, source: str) -> Config:
         timeouts=timeouts,
         shutdown=shutdown,
         log=log,
+        http=http,
+        transcripts=transcripts,
         source=source,
     )
 

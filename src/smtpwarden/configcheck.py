@@ -8,8 +8,9 @@ it was written and suggest a close key, and the wording of problems in the
 YAML document itself (keys repeated in one mapping, parse errors). Each
 problem names its key path, what was expected and what was found. Only
 `smtpwarden.config`, `smtpwarden.configroutes`, `smtpwarden.configdelivery`,
-`smtpwarden.configtls` and `smtpwarden.configendpoints` import this module;
-its names are not public API.
+`smtpwarden.configtls`, `smtpwarden.configendpoints`,
+`smtpwarden.configobserve` and `smtpwarden.configtranscripts` import this
+module; its names are not public API.
 
 Rule 1: no I/O. It opens no file or socket and reads no environment; values
 and YAML nodes arrive already loaded, problems leave as lines of text.
@@ -19,7 +20,8 @@ collects problems; `smtpwarden.config` decides when to raise them.
 
 Rule 3: it knows no setting. It imports nothing from the project, so that
 `smtpwarden.config`, `smtpwarden.configroutes`, `smtpwarden.configdelivery`,
-`smtpwarden.configtls` and `smtpwarden.configendpoints` can import it
+`smtpwarden.configtls`, `smtpwarden.configendpoints`,
+`smtpwarden.configobserve` and `smtpwarden.configtranscripts` can import it
 without a cycle.
 """
 

@@ -75,6 +75,18 @@ class HealthConfig:
     # Seconds down before one session probes it again: short next to the
     # retry budget, so that an upstream that recovers is tried again within one.
     cooldown: float = 30.0
+    # Seconds between active checks of each smtp upstream (connect, banner,
+    # EHLO, and TLS as sessions use it); 0 turns them off. As long as the
+    # cool-down, so a recovered upstream is seen about as soon as a session
+    # would probe it.
+    check_interval: float = 30.0
+    # Also try STARTTLS on upstreams without tls, to watch their certificate;
+    # a failure there is logged, never counted against the upstream.
+    check_starttls: bool = False
+    # A certificate that expires within this many days is logged as a
+    # warning at each check that sees it change. Two weeks leaves time to
+    # renew by hand; automated renewal (ACME clients) starts at 30 days.
+    certificate_warning_days: int = 14
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,6 +183,19 @@ def read_health(check: Checker, top: Mapping[str, object]) -> HealthConfig:
     return HealthConfig(
         failures=check.value(section, "failures", "health", Integer(1), default.failures),
         cooldown=check.value(section, "cooldown", "health", _POSITIVE_SECONDS, default.cooldown),
+        check_interval=check.value(
+            section, "check_interval", "health", Seconds(allow_zero=True), default.check_interval
+        ),
+        check_starttls=check.value(
+            section, "check_starttls", "health", Flag(), default.check_starttls
+        ),
+        certificate_warning_days=check.value(
+            section,
+            "certificate_warning_days",
+            "health",
+            Integer(0),
+            default.certificate_warning_days,
+        ),
     )
 
 

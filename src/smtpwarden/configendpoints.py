@@ -11,16 +11,17 @@ two lists:
 
 Each name is checked to be unique, each listener's upstream to exist and
 each listening address to be bound once. The settings that protect each leg
-(TLS, AUTH, PROXY protocol, networks) are read by `smtpwarden.configtls`.
+(TLS, AUTH, PROXY protocol, networks) are read by `smtpwarden.configtls`,
+and each listener's transcript capture by `smtpwarden.configtranscripts`.
 
 Rule 1: like `smtpwarden.config`, it never prints, never exits and never
 raises `ConfigError`; it reports problems to the checker it is given. It
 does no I/O itself: the certificate, key and CA files are read by the
 `smtpwarden.configtls` readers it calls.
 
-Rule 2: it imports nothing from the project but `smtpwarden.configcheck` and
-`smtpwarden.configtls`, so that `smtpwarden.config` can import it (and
-re-export its names) without a cycle.
+Rule 2: it imports nothing from the project but `smtpwarden.configcheck`,
+`smtpwarden.configtls` and `smtpwarden.configtranscripts`, so that
+`smtpwarden.config` can import it (and re-export its names) without a cycle.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from smtpwarden.configtls import (
     read_proxy_protocol,
     read_upstream_tls,
 )
+from smtpwarden.configtranscripts import ListenerTranscripts, read_listener_transcripts
 
 UpstreamKind = Literal["smtp", "sink"]
 
@@ -76,6 +78,8 @@ class ListenerConfig:
     # Client networks allowed to connect (the real address, after PROXY);
     # others get 554 5.7.1 and are disconnected. Empty: everyone.
     allow: tuple[Network, ...] = ()
+    # Transcript capture of this listener's sessions; off by default.
+    transcripts: ListenerTranscripts = dataclasses.field(default_factory=ListenerTranscripts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -221,6 +225,7 @@ def read_listeners(
                 auth=auth,
                 proxy_protocol=proxy,
                 allow=read_networks(check, section, "allow", path),
+                transcripts=read_listener_transcripts(check, section, path),
             )
         )
     check.unique("listener name", names)

@@ -112,6 +112,7 @@ class RawUpstream:
     ``replies`` maps an upper-cased verb (or "BANNER", or "." for the end of
     data) to raw reply bytes that replace the normal reply; "RCPT <path>"
     (the path as the client wrote it) replaces it for one recipient.
+    ``port`` 0 (the default) binds an ephemeral port.
     """
 
     def __init__(
@@ -119,6 +120,7 @@ class RawUpstream:
         *,
         ehlo: tuple[str, ...] = DEFAULT_EHLO,
         replies: dict[str, bytes] | None = None,
+        port: int = 0,
     ) -> None:
         self.ehlo = ehlo
         self.replies = dict(replies or {})
@@ -127,7 +129,7 @@ class RawUpstream:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._open: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self._listener.settimeout(ACCEPT_POLL_S)
         self.port: int = self._listener.getsockname()[1]
         self._acceptor = threading.Thread(target=self._accept, name="raw-upstream", daemon=True)

@@ -122,8 +122,14 @@ def relay_config(
 ) -> dict[str, object]:
     """The configuration document for one listener relaying to one upstream.
 
-    ``extra`` adds or replaces top-level sections (routes, more upstreams).
+    ``extra`` adds or replaces top-level sections (routes, more upstreams);
+    its ``health`` and ``http`` keys are laid over the test defaults: no
+    timed health checks (they would be upstream connections no test made)
+    and the HTTP endpoint on an ephemeral port.
     """
+    extra = dict(extra or {})
+    health = {"check_interval": 0, **_section(extra.pop("health", None))}
+    http = {"port": 0, **_section(extra.pop("http", None))}
     return {
         "event_loop": loop_kind,
         "hostname": HOSTNAME,
@@ -133,8 +139,15 @@ def relay_config(
         "timeouts": {**TEST_TIMEOUTS, **(timeouts or {})},
         "shutdown": dict(shutdown or {}),
         "log": {"transactions": str(log_path), "sessions": True, "level": "info"},
-        **(extra or {}),
+        "health": health,
+        "http": http,
+        **extra,
     }
+
+
+def _section(raw: object) -> dict[str, object]:
+    assert raw is None or isinstance(raw, dict), raw
+    return dict(raw or {})
 
 
 class RunningRelay:
@@ -188,6 +201,13 @@ class RunningRelay:
     def address(self, listener: str = LISTENER) -> tuple[str, int]:
         relay, _ = self._running()
         return relay.address(listener)
+
+    def http_address(self) -> tuple[str, int]:
+        """Where the relay's HTTP endpoint listens."""
+        relay, _ = self._running()
+        address = self.call(relay.http_address)
+        assert address is not None, "the HTTP endpoint is not running"
+        return address
 
     def call(self, function: Callable[[], T], timeout: float = WAIT_S) -> T:
         """Run ``function`` on the relay's loop and return its result."""

@@ -18,8 +18,10 @@ from smtpwarden.config import (
     Config,
     ConfigError,
     HealthConfig,
+    HttpConfig,
     LimitsConfig,
     ListenerConfig,
+    ListenerTranscripts,
     LogConfig,
     Policy,
     RetryConfig,
@@ -27,6 +29,8 @@ from smtpwarden.config import (
     ShutdownConfig,
     SpoolConfig,
     TimeoutsConfig,
+    TranscriptMatch,
+    TranscriptsConfig,
     UpstreamConfig,
     default_config,
     load_config,
@@ -123,6 +127,12 @@ def problems(sections: Mapping[object, object]) -> tuple[str, ...]:
         pytest.param("retry.take_over_partial", False, id="take_over_partial"),
         pytest.param("health.failures", 3, id="failures"),
         pytest.param("health.cooldown", 30.0, id="cooldown"),
+        pytest.param("health.check_interval", 30.0, id="check_interval"),
+        pytest.param("health.check_starttls", False, id="check_starttls"),
+        pytest.param("health.certificate_warning_days", 14, id="certificate_warning_days"),
+        pytest.param("http.enabled", True, id="http-enabled"),
+        pytest.param("http.host", "127.0.0.1", id="http-host"),
+        pytest.param("http.port", 9125, id="http-port"),
         pytest.param("spool.path", "spool", id="spool-path"),
         pytest.param("spool.max_age", 432000.0, id="max_age"),
         pytest.param("spool.workers", 4, id="workers"),
@@ -164,12 +174,14 @@ IMPLICIT_ROUTE = RouteConfig(
                 "routes": None,
                 "retry": None,
                 "health": None,
+                "http": None,
                 "spool": None,
             },
             id="null",
         ),
         pytest.param(
-            {"routes": [], "retry": {}, "health": {}, "spool": {"backoff": None}}, id="empty"
+            {"routes": [], "retry": {}, "health": {}, "spool": {"backoff": None}, "http": {}},
+            id="empty",
         ),
     ],
 )
@@ -183,6 +195,7 @@ def test_empty_sections_take_defaults(sections: dict[object, object]) -> None:
     assert config.retry == RetryConfig()
     assert config.health == HealthConfig()
     assert config.spool == SpoolConfig(backoff=BackoffConfig())
+    assert config.http == HttpConfig()
 
 
 def test_sink_upstream_defaults_and_ignores_host_and_port() -> None:
@@ -233,7 +246,13 @@ def test_full_delivery_values_are_kept() -> None:
                 "phrases": ["Queue Full", "try later"],
                 "take_over_partial": True,
             },
-            "health": {"failures": 1, "cooldown": 0.5},
+            "health": {
+                "failures": 1,
+                "cooldown": 0.5,
+                "check_interval": 0,
+                "check_starttls": True,
+                "certificate_warning_days": 0,
+            },
             "spool": {
                 "path": "queue/smtpwarden",
                 "max_age": 86400,
@@ -250,7 +269,13 @@ def test_full_delivery_values_are_kept() -> None:
         phrases=("Queue Full", "try later"),
         take_over_partial=True,
     )
-    assert config.health == HealthConfig(failures=1, cooldown=0.5)
+    assert config.health == HealthConfig(
+        failures=1,
+        cooldown=0.5,
+        check_interval=0.0,
+        check_starttls=True,
+        certificate_warning_days=0,
+    )
     assert config.spool == SpoolConfig(
         path="queue/smtpwarden",
         max_age=86400.0,
@@ -298,13 +323,13 @@ UPSTREAM = {"host": "mta.test", "port": 25}
         pytest.param(
             {"colour": "blue"},
             "colour: unknown key (known keys: event_loop, hostname, listeners, upstreams, "
-            "routes, retry, health, spool, limits, timeouts, shutdown, log)",
+            "routes, retry, health, spool, limits, timeouts, shutdown, log, http, transcripts)",
             id="unknown-key-listed",
         ),
         pytest.param(
             {7: "x"},
             "7: unknown key (known keys: event_loop, hostname, listeners, upstreams, "
-            "routes, retry, health, spool, limits, timeouts, shutdown, log)",
+            "routes, retry, health, spool, limits, timeouts, shutdown, log, http, transcripts)",
             id="unknown-key-not-a-string",
         ),
         pytest.param(
@@ -806,6 +831,44 @@ HEALTH_CASES = [
         {"cooldown": "30s"},
         'health.cooldown: expected a number of seconds > 0, got "30s"',
     ),
+    (
+        "check-interval-negative",
+        {"check_interval": -1},
+        "health.check_interval: expected a number of seconds >= 0, got -1",
+    ),
+    (
+        "check-interval-type",
+        {"check_interval": "30s"},
+        'health.check_interval: expected a number of seconds >= 0, got "30s"',
+    ),
+    (
+        "check-starttls-type",
+        {"check_starttls": "yes"},
+        'health.check_starttls: expected true or false, got "yes"',
+    ),
+    (
+        "warning-days-negative",
+        {"certificate_warning_days": -1},
+        "health.certificate_warning_days: expected an integer >= 0, got -1",
+    ),
+    (
+        "warning-days-type",
+        {"certificate_warning_days": 1.5},
+        "health.certificate_warning_days: expected an integer >= 0, got 1.5",
+    ),
+]
+
+HTTP_CASES = [
+    ("not-a-mapping", True, "http: expected a mapping, got true"),
+    ("unknown-key", {"bind": "::1"}, "http.bind: unknown key (known keys: enabled, host, port)"),
+    ("enabled-type", {"enabled": "no"}, 'http.enabled: expected true or false, got "no"'),
+    (
+        "host-type",
+        {"host": "[::1]"},
+        'http.host: expected a host name or IP address (IPv6 without brackets), got "[::1]"',
+    ),
+    ("port-high", {"port": 65536}, "http.port: expected an integer 0-65535, got 65536"),
+    ("port-type", {"port": "9125"}, 'http.port: expected an integer 0-65535, got "9125"'),
 ]
 
 SPOOL_CASES = [
@@ -906,6 +969,7 @@ SPOOL_CASES = [
         *cases("retry", RETRY_CASES),
         *cases("health", HEALTH_CASES),
         *cases("spool", SPOOL_CASES),
+        *cases("http", HTTP_CASES),
         pytest.param(
             {"upstreams": TWO_UPSTREAMS, "routes": [{"upstreams": ["mta1", "mta3"]}]},
             'routes[0].upstreams[1]: no upstream named "mta3" (did you mean "mta2"?)',
@@ -915,6 +979,34 @@ SPOOL_CASES = [
 )
 def test_delivery_problem(sections: dict[object, object], expected: str) -> None:
     assert problems(sections) == (expected,)
+
+
+def test_http_values_are_kept() -> None:
+    config = parse({"http": {"enabled": False, "host": "::1", "port": 0}})
+    assert config.http == HttpConfig(enabled=False, host="::1", port=0)
+
+
+@pytest.mark.parametrize(
+    ("http", "expected"),
+    [
+        pytest.param(
+            {"port": 2525},
+            "http.port: expected a port no listener uses, got 2525 "
+            "(127.0.0.1:2525 is listeners[0])",
+            id="same-address",
+        ),
+        pytest.param({"port": 2525, "enabled": False}, None, id="disabled"),
+        pytest.param({"port": 2525, "host": "127.0.0.2"}, None, id="other-host"),
+        pytest.param({"port": 0, "host": "127.0.0.1"}, None, id="ephemeral"),
+    ],
+)
+def test_http_endpoint_may_not_take_a_listener_address(
+    http: dict[str, object], expected: str | None
+) -> None:
+    if expected is None:
+        parse({"http": http})
+    else:
+        assert problems({"http": http}) == (expected,)
 
 
 def test_huge_integer_is_a_problem_not_a_crash() -> None:
@@ -1651,6 +1743,7 @@ def test_full_example_shows_every_key_with_its_default() -> None:
     for section, keys in [
         (data["retry"], RetryConfig),
         (data["health"], HealthConfig),
+        (data["http"], HttpConfig),
         (data["spool"], SpoolConfig),
         (data["spool"]["backoff"], BackoffConfig),
     ]:
@@ -1673,6 +1766,17 @@ def test_full_example_shows_every_key_with_its_default() -> None:
     assert config.retry == RetryConfig()
     assert config.health == HealthConfig()
     assert config.spool == SpoolConfig(backoff=BackoffConfig())
+    assert config.http == HttpConfig()
+    transcripts = data["listeners"][0]["transcripts"]
+    assert set(transcripts) == {field.name for field in dataclasses.fields(ListenerTranscripts)}
+    assert set(transcripts["match"]) == {
+        field.name for field in dataclasses.fields(TranscriptMatch)
+    }
+    assert set(data["transcripts"]) == {
+        field.name for field in dataclasses.fields(TranscriptsConfig)
+    }
+    assert listener.transcripts == ListenerTranscripts()
+    assert config.transcripts == TranscriptsConfig()
 
 
 def documented_keys(text: str) -> Iterator[tuple[str, bool]]:
@@ -1723,14 +1827,22 @@ def test_full_example_documents_every_key() -> None:
         ("routes[]", RouteConfig),
         ("retry", RetryConfig),
         ("health", HealthConfig),
+        ("http", HttpConfig),
         ("spool", SpoolConfig),
         ("spool.backoff", BackoffConfig),
         ("limits", LimitsConfig),
+        ("listeners[].transcripts", ListenerTranscripts),
+        ("listeners[].transcripts.match", TranscriptMatch),
+        ("transcripts", TranscriptsConfig),
     ]:
+        sections = (
+            "upstreams[].tls",
+            "spool.backoff",
+            "listeners[].transcripts",
+            "listeners[].transcripts.match",
+        )
         for field in dataclasses.fields(keys):
-            if f"{section}.{field.name}" not in ("upstreams[].tls", "spool.backoff") and (
-                field.name != "recipient_domains"
-            ):
+            if f"{section}.{field.name}" not in sections and (field.name != "recipient_domains"):
                 assert f"{section}.{field.name}" in documented
 
 

@@ -59,9 +59,15 @@ ALLOWED = {
     "config": {"smtpwarden.configcheck"},
     "configcheck": set(),
     "configdelivery": {"smtpwarden.configcheck"},
-    "configendpoints": {"smtpwarden.configcheck", "smtpwarden.configtls"},
+    "configendpoints": {
+        "smtpwarden.configcheck",
+        "smtpwarden.configtls",
+        "smtpwarden.configtranscripts",
+    },
+    "configobserve": {"smtpwarden.configcheck"},
     "configroutes": {"smtpwarden.configcheck"},
     "configtls": {"smtpwarden.configcheck"},
+    "configtranscripts": {"smtpwarden.configcheck", "smtpwarden.configtls"},
     "observe": {"smtpwarden.protocol"},
     "spool": {"smtpwarden.protocol"},
 }

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 from smtpwarden.config import Config, ListenerConfig
 from smtpwarden.net.admission import Admission
+from smtpwarden.net.recording import ListenerCapture
 from smtpwarden.net.replies import LocalReplies
 from smtpwarden.net.routing import RouteTable
 from smtpwarden.net.upstream import Health, Target
+from smtpwarden.observe.metrics import RelayMetrics
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
 from smtpwarden.protocol.records import Upstream
@@ -46,6 +48,8 @@ class ListenerContext:
     epoch_offset: float
     next_id: Callable[[], str]
     on_end: Callable[[], None]  # a session ended, or its client connection closed
+    capture: ListenerCapture  # whether sessions are recorded, and where transcripts go
+    metrics: RelayMetrics | None = None  # None when the HTTP endpoint is off
     draining: bool = False
 
     @property

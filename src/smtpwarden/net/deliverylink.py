@@ -176,6 +176,13 @@ class Link:
         info = describe(self._writer)
         return None if info is None else info.summary
 
+    def peer_certificate(self) -> bytes | None:
+        """The upstream's certificate (DER), verified or not; None in plaintext."""
+        link = self._writer.get_extra_info("ssl_object")
+        if not isinstance(link, ssl.SSLObject | ssl.SSLSocket):
+            return None
+        return link.getpeercert(binary_form=True)
+
     async def start_tls(self, context: ssl.SSLContext, name: str, timeout_s: float) -> str | None:
         """Run the handshake after a 220 to STARTTLS; returns ``tls()``.
 

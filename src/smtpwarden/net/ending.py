@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from smtpwarden.net.capture import CapturingSession
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.flow import Hold, ReadGate
 from smtpwarden.net.replay import Guard
@@ -34,7 +35,7 @@ LINGER_S = 2.0
 _now = time.monotonic
 
 
-class SessionEnd(asyncio.Protocol):
+class SessionEnd(CapturingSession):
     """The state every ending needs, and the ways to end. See the module doc."""
 
     ctx: ListenerContext
@@ -56,6 +57,8 @@ class SessionEnd(asyncio.Protocol):
     _last_client: float
     _stalled_since: float
     _errors: int  # commands refused locally (limits.max_errors)
+    _awaiting_end: bool  # a held message awaits its answer (or a replay)
+    _client_eof: bool  # the client half-closed
 
     def _replay_lost(self) -> bool:
         """Replay a sent message whose reply will not come; see ``Session``."""
@@ -63,6 +66,10 @@ class SessionEnd(asyncio.Protocol):
 
     def opening_expired(self, now: float) -> bool:
         """End a session whose PROXY header or TLS handshake is late; see ``SecureSession``."""
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        """Stop counting the session once its client connection is gone; see ``SecureSession``."""
         raise NotImplementedError
 
     @property
@@ -136,6 +143,25 @@ class SessionEnd(asyncio.Protocol):
         """Close the client connection now, lingering or not (process exit)."""
         self.client.close()
 
+    # -- the client closing its side ---------------------------------------------
+
+    def eof_received(self) -> bool:
+        # A client may half-close after its last pipelined command and still
+        # read the replies: keep writing until they have all been relayed.
+        if self._closed:
+            return False
+        self._client_eof = True
+        waiting = self.tracker.awaiting or self._awaiting_end
+        if waiting and not self._in_body and (self.upstream is not None or self.guard.replaying):
+            return True
+        self._client_gone("client_closed")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._client_gone("client_lost")
+        self._forget()
+
     # -- closing ---------------------------------------------------------------
 
     def _client_gone(self, reason: str) -> None:
@@ -162,6 +188,8 @@ class SessionEnd(asyncio.Protocol):
         if upstream is None:
             return
         self.upstream = None
+        if self._capture is not None:
+            self._captured_event("upstream connection closed by the relay")
         protocol = upstream.get_protocol()
         if isinstance(protocol, UpstreamProtocol):
             protocol.detach()
@@ -204,8 +232,12 @@ class SessionEnd(asyncio.Protocol):
                 # Mid-AUTH a QUIT would be read as the client's response
                 # (it is valid base64): cancel the exchange first.
                 upstream.write(b"*\r\n")
+                if self._capture is not None:
+                    self._captured_own(b"*\r\n")
             if not self._quitting:
                 upstream.write(b"QUIT\r\n")
+                if self._capture is not None:
+                    self._captured_own(b"QUIT\r\n")
             upstream.close()
             self.upstream = None
         if self._connector is not None:
@@ -223,6 +255,8 @@ class SessionEnd(asyncio.Protocol):
         )
         self._write_records()
         self.ctx.records.write_session(record)
+        if self._capture is not None:
+            self._captured_end(record)
         self.ctx.on_end()
         self._close_client(lingering=reply is not None)
 
@@ -252,9 +286,13 @@ class SessionEnd(asyncio.Protocol):
             out.clear()
             if data and not self.client.is_closing():
                 self.client.write(data)
+                if self._capture is not None:
+                    self._captured_to_client(data)
 
     def _write_records(self) -> None:
         records = self.ctx.records
         for record in self.tracker.records:
             records.write(record)
+        if self._capture is not None:
+            self._captured_records(self.tracker.records)
         self.tracker.records.clear()

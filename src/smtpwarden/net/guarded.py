@@ -98,12 +98,17 @@ class GuardedSession(SessionEnd):
             raise LocalProtocolError("a replay with nothing to replay")
         self._awaiting_end = True
         self.gate.pause(Hold.REPLAY)
+        if self._capture is not None:
+            self._captured_event("the message's end calls for a replay on a fresh connection")
         self.guard.start(wanted, self.target, self._replayed)
 
     def _replayed(self, result: ReplayResult) -> None:
         if self._closed:
             return
         info = ReplyInfo.of(result.reply, local=result.local)
+        if self._capture is not None:
+            outcome, attempts = result.outcome.value, result.attempts
+            self._captured_event(f"replay: {outcome} after {attempts} attempts: {info.code}")
         self.tracker.end_replay(
             info, result.outcome, result.attempts, _now(), duplicate_risk=result.duplicate_risk
         )

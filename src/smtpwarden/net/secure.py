@@ -127,6 +127,10 @@ class SecureSession(GuardedSession):
         if header.source is not None:
             host, port = header.source
             self.tracker.info = replace(self.tracker.info, client=Peer(address=host, port=port))
+        if self._capture is not None:
+            client = self.tracker.info.client
+            source = "LOCAL" if header.source is None else f"{client.address}:{client.port}"
+            self._captured_event(f"PROXY header: client {source}")
         self._admit()
         if reader.rest and not self._has_ended():
             self.core.receive_data(reader.rest)
@@ -139,6 +143,8 @@ class SecureSession(GuardedSession):
     def _admit(self) -> None:
         ctx = self.ctx
         address = client_address(self.tracker.info.client.address)
+        if self._capture is not None:
+            self._captured_admitted(address)
         if not allowed(address, ctx.listener.allow):
             self._end(ctx.replies.access_denied, "access_denied")
             return
@@ -157,6 +163,8 @@ class SecureSession(GuardedSession):
         """The client's connection is encrypted: by STARTTLS, or an implicit-TLS listener."""
         self._encrypted = True
         info = describe(self.client)
+        if self._capture is not None:
+            self._captured_client_tls(info)
         if info is not None:
             tls = replace(self.tracker.info.tls, client=info.summary, client_subject=info.peer)
             self.tracker.info = replace(self.tracker.info, tls=tls)
@@ -232,6 +240,8 @@ class SecureSession(GuardedSession):
                 self.tracker.info.session_id,
                 dropped,
             )
+            if self._capture is not None:
+                self._captured_event(f"{dropped} octets pipelined after STARTTLS discarded")
         self.gate.pause(Hold.TLS)
         self.tracker.answered_locally(command, Verb.STARTTLS, self.ctx.replies.tls_ready, _now())
         self._to_client.append(self.ctx.replies.tls_ready.raw)
@@ -269,6 +279,9 @@ class SecureSession(GuardedSession):
                     self.tracker.info.session_id,
                     str(error) or type(error).__name__,
                 )
+                if self._capture is not None:
+                    why = str(error) or type(error).__name__
+                    self._captured_event(f"TLS handshake with the client failed: {why}")
                 self._client_gone("tls_failed")
             self.client.abort()
             self._forget()
@@ -325,6 +338,8 @@ class SecureSession(GuardedSession):
             raise LocalProtocolError("an AUTH response with no upstream connection")
         upstream.write(line)
         self._upstream_bytes += len(line)
+        if self._capture is not None:
+            self._captured_response(line)
         if self._auth is not None:
             self._auth.response(line)
         self.tracker.forwarded_continuation(Verb.AUTH, _now())
@@ -343,6 +358,8 @@ class SecureSession(GuardedSession):
             # what proved it never leaves the connection.
             identity = self._auth.identity or "(undecoded)"
             self.tracker.info = replace(self.tracker.info, auth=identity)
+            if self._capture is not None:
+                self._captured_event(f"AUTH {self._auth.mechanism}: authenticated as {identity}")
         self._auth = None
 
     # -- the size limit ----------------------------------------------------------

@@ -5,6 +5,10 @@ kind "sink", and runs one periodic tick that checks every session's deadline
 and flushes the transaction log; sessions own no timers of their own, which
 keeps an idle session small and spares the hot path any timer churn.
 
+With ``http.enabled`` it also serves metrics, liveness and readiness
+(``net.telemetry``); with ``health.check_interval`` it checks its smtp
+upstreams on a timer (``net.healthcheck``).
+
 Shutdown (SIGTERM, SIGINT faster): stop accepting, close sessions that sit
 between transactions with 421, let the others finish their transaction up
 to the grace deadline, then close what is left with 421. A second signal
@@ -29,15 +33,19 @@ from smtpwarden.configroutes import domain_routes
 from smtpwarden.net.admission import Admission
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.ending import LINGER_S
+from smtpwarden.net.healthcheck import HealthChecker
 from smtpwarden.net.loop import loop_factory
+from smtpwarden.net.recording import Recording
 from smtpwarden.net.replies import LocalReplies
 from smtpwarden.net.routing import Route, RouteTable
 from smtpwarden.net.secure import OPENING_TIMEOUT_S
 from smtpwarden.net.session import Session
 from smtpwarden.net.sink import start_sink
 from smtpwarden.net.spooler import QueueRunner
+from smtpwarden.net.telemetry import Telemetry
 from smtpwarden.net.tls import client_context, reload, server_context
 from smtpwarden.net.upstream import Health, Target
+from smtpwarden.observe.metrics import RelayMetrics
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
 from smtpwarden.spool.store import Spool
@@ -65,6 +73,11 @@ class Relay:
         self._runner: asyncio.Task[None] | None = None
         self.health = Health(config.health)
         self.admission = Admission(config.limits)
+        self.recording = Recording(config)  # transcripts: modes, control file, retention
+        self.metrics: RelayMetrics | None = None
+        self.telemetry: Telemetry | None = None
+        self.checker: HealthChecker | None = None
+        self._checker: asyncio.Task[None] | None = None
         self._tick: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
         self._drained = asyncio.Event()  # no session left open
@@ -75,10 +88,19 @@ class Relay:
         sockname = self.servers[listener].sockets[0].getsockname()
         return sockname[0], sockname[1]
 
+    def http_address(self) -> tuple[str, int] | None:
+        """The address of the HTTP endpoint; None when it is off or not bound."""
+        if self.telemetry is None or self.telemetry.server is None:
+            return None
+        return self.telemetry.server.address()
+
     async def start(self) -> None:
         """Start sinks and listeners; raises OSError if a port cannot be bound."""
         loop = asyncio.get_running_loop()
         config = self.config
+        if config.http.enabled:
+            self.metrics = RelayMetrics()
+            self.records.observers.append(self.metrics.observe)
         targets: dict[str, Target] = {}
         for upstream in config.upstreams:
             targets[upstream.name] = await self._target(upstream)
@@ -93,6 +115,8 @@ class Relay:
                 report.dead,
                 len(report.quarantined),
             )
+        # Before the listeners: their log lines say the relay is up.
+        await self._start_watching(targets)
         prefix = secrets.token_hex(3)
         serial = itertools.count(1)
 
@@ -122,6 +146,8 @@ class Relay:
                 epoch_offset=time.time() - time.monotonic(),
                 next_id=next_id,
                 on_end=self._session_ended,
+                capture=self.recording.listener(listener),
+                metrics=self.metrics,
             )
             self._contexts.append(ctx)
             # An implicit-TLS listener lets the event loop do the handshake
@@ -159,6 +185,30 @@ class Relay:
                 self.spool, targets=by_route, config=config, records=self.records
             )
             self._runner = loop.create_task(self.runner.run())
+
+    async def _start_watching(self, targets: Mapping[str, Target]) -> None:
+        """Start the health checks and the HTTP endpoint, as configured."""
+        config = self.config
+        if config.health.check_interval > 0:
+            smtp = [targets[up.name] for up in config.upstreams if up.kind == "smtp"]
+            if smtp:
+                self.checker = HealthChecker(smtp, self.health, config, self.metrics)
+                self._checker = asyncio.get_running_loop().create_task(self.checker.run())
+        if self.metrics is not None:
+            self.telemetry = Telemetry(
+                config,
+                self.metrics,
+                health=self.health,
+                records=self.records,
+                open_sessions=self._open_session_listeners,
+                servers=self.servers,
+                spool=self.spool,
+                draining=lambda: bool(self._contexts) and self._contexts[0].draining,
+            )
+            await self.telemetry.start()
+
+    def _open_session_listeners(self) -> list[str]:
+        return [session.ctx.name for session in self.sessions if not session.closed]
 
     async def _target(self, upstream: UpstreamConfig) -> Target:
         if upstream.kind == "sink":
@@ -209,6 +259,7 @@ class Relay:
                 for session in list(self.sessions):
                     session.check_deadline(now)
                 self.admission.prune(now)
+                self.recording.tick(now)
                 self.records.flush()
             except Exception:
                 # The tick is what enforces every deadline: it must outlive
@@ -221,6 +272,10 @@ class Relay:
             ctx.draining = True
         for server in self.servers.values():
             server.close()
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
         for session in list(self.sessions):
             session.drain()
         self._session_ended()
@@ -243,6 +298,9 @@ class Relay:
                 await self._runner
         if self.spool is not None:
             self.spool.close()
+        if self.telemetry is not None:
+            # Last: /readyz says 503 while the sessions drain.
+            await self.telemetry.stop()
         self.records.flush()
         self.stopped.set()
 
@@ -294,13 +352,17 @@ def run_relay(config: Config) -> int:
 
     async def main() -> int:
         relay = Relay(config)
+        loop = asyncio.get_running_loop()
+        # Before the listeners log that they are up: SIGHUP's default action
+        # would end the process, and a reload then reaches every listener
+        # started so far.
+        loop.add_signal_handler(signal.SIGHUP, relay.reload_certificates)
         try:
             await relay.start()
         except OSError as error:
             log.error("cannot start: %s", error)
             return 1
         log.info("smtpwarden running on %s", loop_name)
-        loop = asyncio.get_running_loop()
         stopping: list[asyncio.Task[None]] = []
 
         def on_signal(grace: float) -> None:
@@ -314,7 +376,6 @@ def run_relay(config: Config) -> int:
 
         loop.add_signal_handler(signal.SIGTERM, on_signal, config.shutdown.grace)
         loop.add_signal_handler(signal.SIGINT, on_signal, config.shutdown.fast)
-        loop.add_signal_handler(signal.SIGHUP, relay.reload_certificates)
         await relay.stopped.wait()
         relay.close_log()
         return 0

@@ -105,6 +105,7 @@ class Session(UpstreamLeg):
         self._upstream_bytes = 0
         self._message_bytes = 0  # octets of the current message so far
         self._message_failed = False  # a BDAT chunk was refused: so is the rest
+        self._capture = None  # the transcript, when the listener records this session
         self._init_secure()
         self._init_upstream_leg()
 
@@ -138,6 +139,7 @@ class Session(UpstreamLeg):
             replays=replays,
             contradicts=functools.partial(contradicts, phrases=phrases),
         )
+        self._start_capture()
         ctx.sessions.add(self)
         if len(ctx.sessions) > ctx.config.limits.max_connections:
             # RFC 5321 3.8 allows 421 at connection time.
@@ -168,23 +170,6 @@ class Session(UpstreamLeg):
             self.gate.pause(Hold.REPLAY)  # a client that will not wait: stop reading
         self._pump_client()
         self._flush()
-
-    def eof_received(self) -> bool:
-        # A client may half-close after its last pipelined command and still
-        # read the replies: keep writing until they have all been relayed.
-        if self._closed:
-            return False
-        self._client_eof = True
-        waiting = self.tracker.awaiting or self._awaiting_end
-        if waiting and not self._in_body and (self.upstream is not None or self.guard.replaying):
-            return True
-        self._client_gone("client_closed")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._closed:
-            self._client_gone("client_lost")
-        self._forget()
 
     def pause_writing(self) -> None:
         # The client is not reading what it is sent: stop producing more,
@@ -224,6 +209,8 @@ class Session(UpstreamLeg):
                     # holds reading until its handshake on its own).
                     self.gate.pause(Hold.VERDICT)
                 return
+            if self._capture is not None:
+                self._captured_client(event)
             if isinstance(event, Body):
                 self._on_body(event)
             elif isinstance(event, AuthResponse):
@@ -339,6 +326,8 @@ class Session(UpstreamLeg):
                 pass
         upstream.write(line)
         self._upstream_bytes += len(line)
+        if self._capture is not None:
+            self._captured_relayed(line)
         self.tracker.forwarded(command, _now(), takes_over=takes_over)
 
     def _on_body(self, body: Body) -> None:
@@ -353,6 +342,8 @@ class Session(UpstreamLeg):
             raise LocalProtocolError("message data to relay with no upstream connection")
         upstream.write(data)
         self._upstream_bytes += len(data)
+        if self._capture is not None:
+            self._captured_body(data, kind=self._body_kind, done=body.done)
         self.tracker.body(data)
         held = self.guard.held
         if held is not None:
@@ -401,6 +392,8 @@ class Session(UpstreamLeg):
                 return
             if reply is None:
                 break
+            if self._capture is not None:
+                self._captured_reply(reply)
             entry = tracker.upstream_reply(reply, now)
             if entry is None:
                 why = f"reply nobody asked for: {reply.raw[:80]!r}"

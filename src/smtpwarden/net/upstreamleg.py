@@ -83,9 +83,14 @@ class UpstreamLeg(SecureSession):
             # Ready before connecting: the banner may arrive, and be read,
             # before this coroutine resumes.
             self.target = target
+            if self._capture is not None:
+                self._captured_connecting(target)
             done = self._prepare_preamble(target)
             try:
+                started = _now()
                 await connect(target, self, timeouts.connect)
+                if ctx.metrics is not None:
+                    ctx.metrics.connected(_now() - started)
                 failure = None if done is None else await self._await_preamble(done)
             except (OSError, TimeoutError, ssl.SSLError) as error:
                 failure = str(error) or "timeout"
@@ -100,6 +105,8 @@ class UpstreamLeg(SecureSession):
                     target.name,
                     failure,
                 )
+                if self._capture is not None:
+                    self._captured_event(f"upstream {target.name} failed: {failure}")
                 self._abort_upstream()
                 self.reader = ReplyReader(
                     max_line_bytes=ctx.config.limits.max_reply_line_bytes,
@@ -122,6 +129,8 @@ class UpstreamLeg(SecureSession):
                 info = replace(info, tls=tls)
             self.tracker.info = info
             self._connector = None
+            if self._capture is not None:
+                self._captured_upstream(target, secured, self._greeting)
             if self._greeting:
                 # The greeting the preamble kept back goes the usual way.
                 greeting, self._greeting = self._greeting, b""
@@ -167,6 +176,8 @@ class UpstreamLeg(SecureSession):
         log.warning(
             "session %s: upstream %s: %s", self.tracker.info.session_id, self.target.name, why
         )
+        if self._capture is not None:
+            self._captured_event(f"upstream {self.target.name}: {why}")
         if self.guard.replaying:
             self._abort_upstream()  # the replay answers; the session ends after it
             return
@@ -221,6 +232,8 @@ class UpstreamLeg(SecureSession):
             reply = self.reader.next_reply()
             if reply is None:
                 return
+            if self._capture is not None:
+                self._captured_reply(reply)
             self._preamble_act(preamble.receive(reply))
 
     def _preamble_act(self, action: Action) -> None:
@@ -229,6 +242,8 @@ class UpstreamLeg(SecureSession):
                 if self.upstream is not None:
                     self.upstream.write(data)
                     self._upstream_bytes += len(data)
+                    if self._capture is not None:
+                        self._captured_own(data)
             case StartTls():
                 loop = asyncio.get_running_loop()
                 self._upstream_tls = loop.create_task(self._upstream_handshake())
@@ -294,4 +309,6 @@ class UpstreamLeg(SecureSession):
         )
         upstream.write(line)
         self._upstream_bytes += len(line)
+        if self._capture is not None:
+            self._captured_own(line)
         self.tracker.forwarded_hidden("XFORWARD", _now())

@@ -9,6 +9,10 @@ A log that cannot be written (a full disk, a closed pipe) must not stop the
 relay (PRODUCT.md, invariant 6): the records of a failed write are dropped
 and counted, the failure is reported on stderr once per streak, and writing
 resumes when the target accepts data again.
+
+Observers (the metrics) see every record as it is written, session records
+included when they are not logged; one that raises is reported once and
+the record is written all the same.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import orjson
 
@@ -38,6 +43,9 @@ class RecordLog:
         self._buf = bytearray()
         self.dropped = 0  # records lost to failed writes
         self._failing = False
+        # Called with every record written, before it is serialised.
+        self.observers: list[Callable[[object], None]] = []
+        self._observer_failed = False
         self._owned = target != "-"
         if self._owned:
             self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -46,14 +54,34 @@ class RecordLog:
 
     def write(self, record: object) -> None:
         """Append one record (a dataclass or a dict)."""
+        if self.observers:
+            self._notify(record)
+        self._append(record)
+
+    def write_session(self, record: object) -> None:
+        """Append a session record if session records are enabled.
+
+        Observers see it either way.
+        """
+        if self.observers:
+            self._notify(record)
+        if self.sessions:
+            self._append(record)
+
+    def _append(self, record: object) -> None:
         self._buf += orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         if len(self._buf) >= FLUSH_BYTES:
             self.flush()
 
-    def write_session(self, record: object) -> None:
-        """Append a session record if session records are enabled."""
-        if self.sessions:
-            self.write(record)
+    def _notify(self, record: object) -> None:
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:
+                # Counting must never cost a record (PRODUCT.md, invariant 6).
+                if not self._observer_failed:
+                    log.exception("a record observer failed; records are still written")
+                self._observer_failed = True
 
     def flush(self) -> None:
         """Write what is buffered; on failure drop it and count the records."""
