@@ -375,6 +375,9 @@ def render(content: Mapping[str, Any], *, leg: str = "both", bodies: bool = Fals
         f"tls client {tls.get('client', 'none')}, upstream {tls.get('upstream', 'none')}; "
         f"auth {header.get('auth') or '-'}; helo {header.get('helo') or '-'}",
     ]
+    # The client chose its HELO name, the upstream its reply texts: no
+    # control character of theirs reaches the operator's terminal.
+    lines = [_CONTROL.sub(_escaped, line) for line in lines]
     if header.get("truncated"):
         cut = header["truncated"]
         lines.append(f"cut at max_bytes: {cut['entries']} entries ({cut['bytes']} bytes) missing")
@@ -404,10 +407,11 @@ def render(content: Mapping[str, Any], *, leg: str = "both", bodies: bool = Fals
         final = record.get("final_reply") or {}
         reply = f"{final.get('code', '-')} {final.get('text', '')}".strip()
         pattern = (record.get("diagnosis") or {}).get("pattern", "none")
-        lines.append(
+        line = (
             f"transaction {record['transaction_id']}: {record['outcome']}, {reply}"
             f"{'' if pattern == 'none' else f' ({pattern})'}"
         )
+        lines.append(_CONTROL.sub(_escaped, line))
     return "\n".join(lines).rstrip("\n")
 
 

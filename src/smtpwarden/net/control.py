@@ -34,7 +34,7 @@ log = logging.getLogger("smtpwarden.control")
 MAX_REQUEST_BYTES: Final = 8192
 # For the request head and for writing the response. Prometheus gives up on
 # a scrape after its default scrape_timeout, 10 s.
-READ_TIMEOUT_S: Final = 10.0
+READ_TIMEOUT_S: Final = 3.0  # a request head comes in one packet; a slow one holds a slot
 WRITE_TIMEOUT_S: Final = 10.0
 # Our choice: a few scrapers and probes at once. Past it a new connection is
 # closed unanswered, so a client that opens many cannot hold the relay's memory.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import stat
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -308,12 +309,17 @@ class Recording:
         try:
             status = self.control.stat()
         except OSError:
-            key = None
+            key, regular = None, True
         else:
             key = (status.st_mtime_ns, status.st_ino, status.st_size)
+            regular = stat.S_ISREG(status.st_mode)
         if key == self._control_key:
             return
         self._control_key = key
+        if not regular:
+            # A FIFO or a device would block the event loop in open().
+            log.error("capture control ignored: %s is not a regular file", self.control)
+            return
         try:
             overrides = read_control(self.control)
         except ConfigError as error:
