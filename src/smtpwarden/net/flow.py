@@ -8,24 +8,28 @@ where one reason's "resume" undoes another's "pause".
 from __future__ import annotations
 
 import asyncio
-import enum
+from typing import Final
 
 # Write buffer high-water mark per side: past it, reading from the other side
 # pauses. 64 KiB is asyncio's own default and keeps a session's memory small.
 WRITE_HIGH_WATER_BYTES = 64 * 1024
 
 
-class Hold(enum.IntFlag):
-    """Why reading from the client is paused."""
+class Hold:
+    """Why reading from the client is paused: bits, combined with ``|``.
 
-    FLOW = 1  # the upstream's write buffer is above its high-water mark
-    VERDICT = 2  # DATA awaits the upstream's 354 or refusal
-    QUEUE = 4  # too many pipelined commands await replies
-    CONNECT = 8  # the upstream is not ready yet
-    CLIENT = 16  # the client's write buffer is full: it is not reading replies
-    REPLAY = 32  # the end of a held message awaits its reply or a replay
-    TLS = 64  # a TLS handshake with the client is on its way
-    PROXY = 128  # not used to pause: a PROXY header is still awaited
+    Plain integers rather than an ``enum.IntFlag``: the gate tests and sets
+    them several times per command, and flag arithmetic on an enum costs
+    a few microseconds each time.
+    """
+
+    FLOW: Final = 1  # the upstream's write buffer is above its high-water mark
+    VERDICT: Final = 2  # DATA or AUTH awaits the upstream's reply
+    QUEUE: Final = 4  # too many pipelined commands await replies
+    CONNECT: Final = 8  # the upstream is not ready yet
+    CLIENT: Final = 16  # the client's write buffer is full: it is not reading replies
+    REPLAY: Final = 32  # the end of a held message awaits its reply or a replay
+    TLS: Final = 64  # a TLS handshake with the client is on its way
 
 
 class ReadGate:
@@ -37,17 +41,17 @@ class ReadGate:
         self._transport = transport
         self._holds = 0
 
-    def holds(self, reason: Hold) -> bool:
+    def holds(self, reason: int) -> bool:
         """True while ``reason`` keeps reading paused."""
         return bool(self._holds & reason)
 
-    def pause(self, reason: Hold) -> None:
+    def pause(self, reason: int) -> None:
         """Stop reading until ``resume(reason)``."""
         if not self._holds and not self._transport.is_closing():
             self._transport.pause_reading()
         self._holds |= reason
 
-    def resume(self, reason: Hold) -> None:
+    def resume(self, reason: int) -> None:
         """Lift one reason; read again when none is left."""
         if not self._holds & reason:
             return
