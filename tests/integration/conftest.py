@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from integration.external_tools import SmtpSink, require_tool
+from integration.pki import Pki, make_pki
 from integration.postfix_instance import PostfixInstance, private_folder, require_postfix
 from integration.recording_upstreams import AiosmtpdUpstream, RawUpstream
 from integration.relay_harness import (
@@ -159,3 +160,9 @@ def postfix_upstream(
     and closed last, after Postfix has stopped.
     """
     return make_postfix_upstream(relayhost=("127.0.0.1", aiosmtpd_upstream.port))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A throw-away CA and the relay's certificate, shared by one test module."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

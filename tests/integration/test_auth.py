@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from integration.auth_upstream import (
     ACCEPTED,
@@ -37,8 +36,8 @@ from integration.auth_upstream import (
     AuthSession,
     AuthUpstream,
 )
+from integration.pki import Pki
 from integration.relay_harness import UPSTREAM, WAIT_S, RunningRelay, StartRelay, WireClient
-from integration.test_client_tls import Pki
 
 # One user, and one recognisable secret, per mechanism.
 CREDENTIALS = {
@@ -57,18 +56,6 @@ SPOOLED_MESSAGE = b"Subject: spooled\r\n\r\nkept for later\r\n"
 SPOOL_SENDER = "spool@example.org"
 DEFERRED = b"451 4.3.0 Try again later\r\n"
 CRLF = b"\r\n"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost", "relay.test")
-    certificate, key, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
-    certificate.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
-    issued.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
-    return Pki(ca=ca, certificate=certificate, key=key, ca_file=ca_file)
 
 
 @pytest.fixture

@@ -8,47 +8,19 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import ssl
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from integration.external_tools import require_tool
+from integration.pki import Pki
 from integration.recording_upstreams import RawUpstream
 from integration.relay_harness import UPSTREAM, WAIT_S, RunningRelay, StartRelay
 
 MESSAGE = "Subject: tls\r\n\r\nover TLS\r\n"
 SWAKS_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca: trustme.CA
-    certificate: Path
-    key: Path
-    ca_file: Path
-
-    def client_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        self.ca.configure_trust(context)
-        return context
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost", "relay.test")
-    certificate, key, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
-    certificate.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
-    issued.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
-    return Pki(ca=ca, certificate=certificate, key=key, ca_file=ca_file)
 
 
 def tls_relay(

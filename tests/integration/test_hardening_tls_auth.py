@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import trustme
 
 from integration.auth_upstream import (
     ACCEPTED,
@@ -35,6 +34,7 @@ from integration.auth_upstream import (
     LOGIN_USERNAME,
     AuthUpstream,
 )
+from integration.pki import Pki
 from integration.recording_upstreams import RawUpstream
 from integration.relay_harness import (
     POLL_S,
@@ -45,7 +45,6 @@ from integration.relay_harness import (
     WireClient,
 )
 from integration.test_auth import CREDENTIALS, TOKENS, USERS, b64, handshake_ended
-from integration.test_client_tls import Pki
 from integration.test_upstream_leg import (
     CLIENT_EHLO,
     NEW_GREETING,
@@ -72,18 +71,6 @@ UNDERSCORE_HOSTNAME = "relay_1.example.test"
 
 
 # --- Fixtures and helpers -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost", "relay.test")
-    certificate, key, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
-    certificate.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
-    issued.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
-    return Pki(ca=ca, certificate=certificate, key=key, ca_file=ca_file)
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 from integration.auth_upstream import MECHANISMS, AuthUpstream
+from integration.pki import Pki
 from integration.relay_harness import StartRelay, WireClient
 from integration.test_auth import (
     CREDENTIALS,
@@ -37,23 +37,10 @@ from integration.test_auth import (
     tls_client,
     tls_wire,
 )
-from integration.test_client_tls import Pki
 from integration.test_transcripts import written
 
 XCLIENT_LOGIN = "S3cret-XCLIENT-login"
 RAW_SECRET = b"S3cret-RAW-line!"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost", "relay.test")
-    certificate, key, ca_file = folder / "cert.pem", folder / "key.pem", folder / "ca.pem"
-    certificate.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
-    issued.private_key_pem.write_to_path(str(key))
-    ca.cert_pem.write_to_path(str(ca_file))
-    return Pki(ca=ca, certificate=certificate, key=key, ca_file=ca_file)
 
 
 @pytest.fixture
