@@ -51,7 +51,7 @@ MAX_RETRY_ATTEMPTS: Final = 20
 class RetryConfig:
     """How routes with policy retry or requeue replay a failed transaction."""
 
-    attempts: int = 3  # replays after the first failure, 1..MAX_RETRY_ATTEMPTS
+    attempts: int = 3  # replays after the first failure, 0..MAX_RETRY_ATTEMPTS
     # Seconds for all replays, 0 < budget < CLIENT_DATA_END_S; 120 leaves the
     # client most of its 10 minutes, and room for the upstream's own reply.
     budget: float = 120.0
@@ -161,7 +161,7 @@ def read_retry(check: Checker, top: Mapping[str, object]) -> RetryConfig:
     section = _section(check, top, "retry", "", _RETRY_KEYS)
     return RetryConfig(
         attempts=check.value(
-            section, "attempts", "retry", Integer(1, MAX_RETRY_ATTEMPTS), default.attempts
+            section, "attempts", "retry", Integer(0, MAX_RETRY_ATTEMPTS), default.attempts
         ),
         budget=check.value(section, "budget", "retry", _BUDGET, default.budget),
         hold_memory_bytes=check.value(

@@ -310,6 +310,38 @@ def test_requeue_spools_what_the_replays_could_not_deliver(
             assert message.read() == SECTION
 
 
+@pytest.mark.parametrize(
+    ("policy", "code", "outcome"), [("requeue", 250, "requeued"), ("retry", 451, "deferred")]
+)
+def test_no_replays_spool_or_defer_at_the_first_failure(
+    start_relay: StartRelay,
+    make_raw_upstream: Callable[..., RawUpstream],
+    tmp_path: Path,
+    policy: str,
+    code: int,
+    outcome: str,
+) -> None:
+    a = make_raw_upstream(replies={".": b"451 4.3.0 Try later\r\n"})
+    b = make_raw_upstream()
+    relay = start_retrying(
+        start_relay,
+        a.config,
+        b.config,
+        policy=policy,
+        retry={"attempts": 0},
+        spool={"path": str(tmp_path / "spool")},
+    )
+    got, raw = send(relay)
+    assert got == code
+    if policy == "retry":
+        assert raw.startswith(b"451 4.4.0 relay.test Upstream failed after 1 attempt,")
+    (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
+    assert (record["outcome"], record["attempts"]) == (outcome, 1)
+    assert a.wait_all_ended()[0].data == [SECTION]
+    b.close()
+    assert b.connections == []
+
+
 def test_a_spool_that_cannot_take_the_message_leaves_the_client_a_4xx(
     start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], tmp_path: Path
 ) -> None:

@@ -753,10 +753,10 @@ ROUTE_CASES = [
 RETRY_CASES = [
     ("not-a-mapping", 3, "retry: expected a mapping, got 3"),
     ("unknown-key", {"attempt": 3}, 'retry.attempt: unknown key (did you mean "attempts"?)'),
-    ("attempts-type", {"attempts": "3"}, 'retry.attempts: expected an integer 1-20, got "3"'),
-    ("attempts-bool", {"attempts": True}, "retry.attempts: expected an integer 1-20, got true"),
-    ("attempts-zero", {"attempts": 0}, "retry.attempts: expected an integer 1-20, got 0"),
-    ("attempts-high", {"attempts": 21}, "retry.attempts: expected an integer 1-20, got 21"),
+    ("attempts-type", {"attempts": "3"}, 'retry.attempts: expected an integer 0-20, got "3"'),
+    ("attempts-bool", {"attempts": True}, "retry.attempts: expected an integer 0-20, got true"),
+    ("attempts-negative", {"attempts": -1}, "retry.attempts: expected an integer 0-20, got -1"),
+    ("attempts-high", {"attempts": 21}, "retry.attempts: expected an integer 0-20, got 21"),
     ("budget-type", {"budget": "2m"}, f'retry.budget: {BUDGET_EXPECTED}, got "2m"'),
     ("budget-bool", {"budget": True}, f"retry.budget: {BUDGET_EXPECTED}, got true"),
     ("budget-zero", {"budget": 0}, f"retry.budget: {BUDGET_EXPECTED}, got 0"),
@@ -1505,7 +1505,7 @@ def test_domain_route_problems_reported_at_once_in_document_order() -> None:
             recipient_domains: [example.org, example.com]
             policy: requeue
             upstreams: [mx2]
-        retry: {attempts: 0}
+        retry: {attempts: -1}
         """
     )
     with pytest.raises(ConfigError) as caught:
@@ -1519,7 +1519,7 @@ def test_domain_route_problems_reported_at_once_in_document_order() -> None:
         '(routes[1]), and both apply to listener "a"',
         'routes[2].upstreams[0]: expected "mx1", the first upstream of route "main" '
         f'(routes[0]) that listener "a" uses {SESSION_CONNECTED}, got "mx2"',
-        "retry.attempts: expected an integer 1-20, got 0",
+        "retry.attempts: expected an integer 0-20, got -1",
     )
 
 

@@ -145,9 +145,8 @@ async def replay(
                 attempts=made,
                 duplicate_risk=risk,
             )
-    reply = make_reply(
-        451, "4.4.0", f"{hostname} Upstream failed after {made} attempts, try again later"
-    )
+    tries = "1 attempt" if made == 1 else f"{made} attempts"
+    reply = make_reply(451, "4.4.0", f"{hostname} Upstream failed after {tries}, try again later")
     return ReplayResult(
         reply=reply,
         local=True,
