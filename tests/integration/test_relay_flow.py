@@ -19,7 +19,7 @@ import pytest
 
 from integration.recording_upstreams import RawUpstream
 from integration.relay_harness import WAIT_S, RunningRelay, StartRelay, WireClient
-from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold
+from smtpwarden.net.flow import HELD_INPUT_BYTES, WRITE_HIGH_WATER_BYTES, Hold
 
 # Far beyond what loopback socket buffers hold on both legs together, so a
 # relay that kept reading would have to hold most of it in memory.
@@ -33,12 +33,15 @@ POLL_S = 0.01
 class StallingUpstream:
     """Answers like an MTA, but stalls on DATA until told to go on.
 
-    ``read_gate`` holds back reading the DATA section; with ``answer_dot``
-    unset it reads the message and never answers the final dot.
+    ``read_gate`` holds back reading the DATA section; ``verdict_gate``, when
+    cleared, holds back the 354; with ``answer_dot`` unset it reads the
+    message and never answers the final dot.
     """
 
     def __init__(self, *, answer_dot: bool = True) -> None:
         self.read_gate = threading.Event()
+        self.verdict_gate = threading.Event()
+        self.verdict_gate.set()
         self.answer_dot = answer_dot
         self.received = bytearray()
         self.done = threading.Event()
@@ -69,6 +72,7 @@ class StallingUpstream:
                 if verb == b"EHLO":
                     sock.sendall(b"250-upstream.test\r\n250 8BITMIME\r\n")
                 elif verb == b"DATA":
+                    self.verdict_gate.wait(WAIT_S * 3)
                     sock.sendall(b"354 go ahead\r\n")
                     self.received += pending
                     self._read_data(sock)
@@ -148,6 +152,46 @@ def test_a_stalled_upstream_pauses_the_client_instead_of_buffering(
     assert record["outcome"] == "delivered"
     assert record["size"] == len(body)
     assert record["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_a_client_that_sends_its_message_before_the_354_is_paused(
+    start_relay: StartRelay, stalling_upstream: StallingUpstream
+) -> None:
+    # DATA awaits its verdict without pausing the socket; input past a
+    # bound then pauses it, and the message goes on once the 354 comes.
+    stalling_upstream.verdict_gate.clear()
+    stalling_upstream.read_gate.set()
+    relay = start_relay(stalling_upstream.config, limits={"max_message_bytes": 0})
+    line = b"y" * 998 + b"\r\n"
+    body = line * (8 * 1024 * 1024 // len(line))
+
+    def paused() -> tuple[bool, int]:
+        def look() -> tuple[bool, int]:
+            assert relay.relay is not None
+            (session,) = relay.relay.sessions
+            return session.gate._paused, session.core.buffered
+
+        return relay.call(look)
+
+    with WireClient(relay.address(), timeout=WAIT_S * 3) as client:
+        client.start_transaction()
+        message = b"DATA\r\n" + body + b".\r\n"
+        sender = threading.Thread(target=client.send, args=(message,), daemon=True)
+        sender.start()
+        deadline = time.monotonic() + WAIT_S
+        while not paused()[0]:
+            assert time.monotonic() < deadline, "reading from the client never paused"
+            time.sleep(POLL_S)
+        assert paused()[1] <= HELD_INPUT_BYTES + 256 * 1024
+        assert sender.is_alive()
+        stalling_upstream.verdict_gate.set()
+        sender.join(WAIT_S * 3)
+        assert not sender.is_alive()
+        assert client.reply()[0] == 354
+        assert client.reply()[0] == 250
+        client.command(b"QUIT\r\n", 221)
+    assert stalling_upstream.done.is_set()
+    assert bytes(stalling_upstream.received).endswith(body + b".\r\n")
 
 
 def test_silence_after_the_dot_is_an_unknown_outcome(start_relay: StartRelay) -> None:

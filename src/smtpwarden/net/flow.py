@@ -32,42 +32,68 @@ class Hold:
     TLS: Final = 64  # a TLS handshake with the client is on its way
 
 
+# Reasons that stop the session from taking the client's input without
+# stopping the transport: the input waits in the session's buffer, and the
+# transport is paused only once that holds ``HELD_INPUT_BYTES`` (see
+# ``ReadGate.overflowing``). A client that waits for its replies, as nearly
+# all do, then costs no pause and resume of the socket per message.
+SOFT_HOLDS: Final = Hold.VERDICT | Hold.CONNECT
+# Input kept behind a soft hold before reading stops: a full write buffer's
+# worth, as for the other side.
+HELD_INPUT_BYTES: Final = 64 * 1024
+
+
 class ReadGate:
     """Pauses and resumes reading from one transport, reason by reason."""
 
-    __slots__ = ("_holds", "_transport")
+    __slots__ = ("_holds", "_paused", "_transport")
 
     def __init__(self, transport: asyncio.ReadTransport) -> None:
         self._transport = transport
         self._holds = 0
+        self._paused = False  # the transport is paused
 
     def holds(self, reason: int) -> bool:
         """True while ``reason`` keeps reading paused."""
         return bool(self._holds & reason)
 
     def pause(self, reason: int) -> None:
-        """Stop reading until ``resume(reason)``."""
-        if not self._holds and not self._transport.is_closing():
-            self._transport.pause_reading()
+        """Stop reading until ``resume(reason)`` (a soft reason: see SOFT_HOLDS)."""
         self._holds |= reason
+        if reason & ~SOFT_HOLDS:
+            self._stop()
 
     def resume(self, reason: int) -> None:
         """Lift one reason; read again when none is left."""
         if not self._holds & reason:
             return
         self._holds &= ~reason
-        if not self._holds and not self._transport.is_closing():
-            self._transport.resume_reading()
+        if not self._holds:
+            self._start()
+
+    def overflowing(self) -> None:
+        """Input piles up behind a hold: stop the transport until every hold lifts."""
+        if self._holds:
+            self._stop()
 
     def rebind(self, transport: asyncio.ReadTransport) -> None:
         """Go on with ``transport`` (the same connection, now encrypted)."""
         self._transport = transport
-        if self._holds and not transport.is_closing():
+        if self._paused and not transport.is_closing():
             transport.pause_reading()
 
     def release(self) -> None:
         """Drop every reason and read again (to drain before closing)."""
-        if self._holds:
-            self._holds = 0
+        self._holds = 0
+        self._start()
+
+    def _stop(self) -> None:
+        if not self._paused and not self._transport.is_closing():
+            self._transport.pause_reading()
+            self._paused = True
+
+    def _start(self) -> None:
+        if self._paused:
+            self._paused = False
             if not self._transport.is_closing():
                 self._transport.resume_reading()

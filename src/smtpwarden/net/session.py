@@ -29,7 +29,7 @@ import time
 from typing import cast
 
 from smtpwarden.net.context import ListenerContext
-from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
+from smtpwarden.net.flow import HELD_INPUT_BYTES, WRITE_HIGH_WATER_BYTES, Hold, ReadGate
 from smtpwarden.net.replay import Guard, contradicts, phrases_of, transient
 from smtpwarden.net.routing import Route
 from smtpwarden.net.upstreamleg import UpstreamLeg
@@ -57,12 +57,6 @@ log = logging.getLogger("smtpwarden.session")
 # One monotonic clock for latencies and deadlines, with microsecond
 # resolution (uvloop's loop.time() counts whole milliseconds).
 _now = time.monotonic
-
-# While a held message awaits its answer, input the client pipelined after it
-# is kept, unread by the pump, up to this much; past it reading pauses.
-# Pausing costs two system calls per message, so it is kept for clients that
-# will not wait.
-AWAITING_END_BUFFER_BYTES = 64 * 1024
 
 _NO_TLS = Tls()
 
@@ -166,9 +160,13 @@ class Session(UpstreamLeg):
             self._early.append(data)
             return
         self.core.receive_data(data)
-        if self._awaiting_end and self.core.buffered > AWAITING_END_BUFFER_BYTES:
-            self.gate.pause(Hold.REPLAY)  # a client that will not wait: stop reading
         self._pump_client()
+        if self.core.buffered > HELD_INPUT_BYTES:
+            # A client that will not wait for its replies: stop reading.
+            if self._awaiting_end:
+                self.gate.pause(Hold.REPLAY)
+            else:
+                self.gate.overflowing()
         self._flush()
 
     def pause_writing(self) -> None:
