@@ -430,8 +430,9 @@ class RelayMetrics:
     def observe(self, record: object) -> None:
         """Count one record the relay wrote (a ``RecordLog`` observer)."""
         if isinstance(record, TransactionRecord):
-            pattern = "none" if record.diagnosis is None else record.diagnosis.pattern.value
-            self.transactions.inc(record.listener, record.outcome.value, pattern)
+            # ``_value_``: the plain attribute, ``value`` is a Python-level property.
+            pattern = "none" if record.diagnosis is None else record.diagnosis.pattern._value_
+            self.transactions.inc(record.listener, record.outcome._value_, pattern)
             if record.attempts > 1:
                 self.retries.inc("replay", amount=record.attempts - 1)
             self._timeline(record.upstream.name, record.timeline)

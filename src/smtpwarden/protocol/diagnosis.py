@@ -19,11 +19,12 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from smtpwarden.protocol.causes import ADVICE, ADVICE_LOST, FAILURE_CODES, LEADS, PHRASES, cause_of
 from smtpwarden.protocol.causes import Cause as Cause  # part of this module's API
+from smtpwarden.protocol.records import Address, Outcome, ReplyInfo, Step
 from smtpwarden.protocol.records import Diagnosis as Diagnosis  # part of this module's API
-from smtpwarden.protocol.records import Outcome, ReplyInfo, TransactionRecord
 from smtpwarden.protocol.records import Pattern as Pattern  # part of this module's API
 from smtpwarden.protocol.replies import Reply
 
@@ -90,14 +91,31 @@ def contradiction(
     """
     if code // 100 != 2:
         return None
+    if len(text) <= CACHED_TEXT_CHARS:
+        return _cached_contradiction(code, enhanced, text, tuple(phrases))
+    return _contradiction(code, enhanced, text, tuple(phrases))
+
+
+# Every 2xx an upstream sends to MAIL, RCPT and the end of a message is
+# checked, and most are the same few short texts ("250 2.1.0 Ok"): a small
+# cache of short ones saves the pattern searches for them.
+CACHED_TEXT_CHARS = 512
+
+
+def _contradiction(
+    code: int, enhanced: str | None, text: str, phrases: tuple[str, ...]
+) -> str | None:
     status = _status(enhanced)
     if status is not None and status[0] in (4, 5):
         return f"enhanced status {enhanced} in a {code} reply"
     quoted = _quoted(text)
     if quoted is not None:
         return quoted[0]
-    found = _phrase_pattern(tuple(phrases)).search(text)
+    found = _phrase_pattern(phrases).search(text)
     return f"phrase {' '.join(found.group(0).split()).casefold()!r}" if found else None
+
+
+_cached_contradiction = functools.lru_cache(maxsize=1024)(_contradiction)
 
 
 @functools.lru_cache(maxsize=16)
@@ -179,7 +197,22 @@ def _cat(code: int | None) -> int:
     return 0 if code is None else code // 100
 
 
-def diagnose(record: TransactionRecord, *, phrases: Sequence[str] = DEFAULT_PHRASES) -> Diagnosis:
+class Diagnosable(Protocol):
+    """What ``diagnose`` reads of a transaction: a ``TransactionRecord`` has it all."""
+
+    @property
+    def final_reply(self) -> ReplyInfo | None: ...
+    @property
+    def timeline(self) -> Sequence[Step]: ...
+    @property
+    def outcome(self) -> Outcome: ...
+    @property
+    def mail_from(self) -> Address: ...
+    @property
+    def recipients(self) -> Sequence[Address]: ...
+
+
+def diagnose(record: Diagnosable, *, phrases: Sequence[str] = DEFAULT_PHRASES) -> Diagnosis:
     """Return the pattern and diagnosis of a finished transaction.
 
     Patterns are tried in this order: lost outcome, contradictory 250 (the

@@ -20,6 +20,10 @@ from smtpwarden.protocol.errors import RemoteProtocolError
 class Verb(enum.Enum):
     """SMTP commands the core understands (RFC 5321 4.1 plus extensions)."""
 
+    # Members are singletons: hashed by identity in C (Enum's own hash
+    # is a Python call), as dict keys on the hot path.
+    __hash__ = object.__hash__
+
     HELO = "HELO"
     EHLO = "EHLO"
     MAIL = "MAIL"
@@ -150,6 +154,10 @@ Event = Command | AuthResponse | BadCommand | Body
 
 class Signal(enum.Enum):
     """Answers of ``next_event`` that are not events (h11 style)."""
+
+    # Members are singletons: hashed by identity in C (Enum's own hash
+    # is a Python call), as dict keys on the hot path.
+    __hash__ = object.__hash__
 
     NEED_DATA = "need data"
     PAUSED = "paused"

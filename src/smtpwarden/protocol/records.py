@@ -8,6 +8,7 @@ that ``observe/schema/*.json`` describes. Times are passed in by the caller.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,6 +18,10 @@ from smtpwarden.protocol.replies import Reply
 
 class Outcome(enum.Enum):
     """How a transaction ended, as PRODUCT.md names it."""
+
+    # Members are singletons: hashed by identity in C (Enum's own hash
+    # is a Python call), as dict keys on the hot path.
+    __hash__ = object.__hash__
 
     DELIVERED = "delivered"  # the upstream answered 2xx to the end of the message
     REJECTED = "rejected"  # a 5xx ended it
@@ -29,6 +34,10 @@ class Outcome(enum.Enum):
 
 class Pattern(enum.Enum):
     """PRODUCT.md's failure patterns; the values are the JSON strings."""
+
+    # Members are singletons: hashed by identity in C (Enum's own hash
+    # is a Python call), as dict keys on the hot path.
+    __hash__ = object.__hash__
 
     NONE = "none"
     DEFERRED_FAILURE = "deferred_failure"  # envelope 2xx, then DATA/"."/BDAT 4xx/5xx
@@ -84,7 +93,21 @@ class ReplyInfo:
 
     @classmethod
     def of(cls, reply: Reply, *, local: bool) -> ReplyInfo:
+        if len(reply.raw) <= CACHED_REPLY_BYTES:
+            return _info_of(reply, local)
         return cls(code=reply.code, enhanced=reply.enhanced, text=reply.text, local=local)
+
+
+# Records keep a ReplyInfo for the replies to MAIL, RCPT and the end of each
+# message; most are the same few short replies, and a ReplyInfo is immutable,
+# so one is shared instead of parsing the reply's text again. Only short
+# replies are kept, so that the cache stays small whatever upstreams send.
+CACHED_REPLY_BYTES = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def _info_of(reply: Reply, local: bool) -> ReplyInfo:
+    return ReplyInfo(code=reply.code, enhanced=reply.enhanced, text=reply.text, local=local)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

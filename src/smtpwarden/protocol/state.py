@@ -15,6 +15,10 @@ from smtpwarden.protocol.errors import LocalProtocolError
 class ServerState(enum.Enum):
     """Where the client-facing reader is in the byte stream."""
 
+    # Members are singletons: hashed by identity in C (Enum's own hash
+    # is a Python call), as dict keys on the hot path.
+    __hash__ = object.__hash__
+
     COMMAND = "command"  # reading command lines
     AWAIT_DATA = "await data"  # DATA sent upstream; its reply decides what follows
     DATA = "data"  # reading the body up to <CRLF>.<CRLF>
@@ -27,6 +31,10 @@ class ServerState(enum.Enum):
 
 class ServerInput(enum.Enum):
     """What moves the client-facing reader."""
+
+    # Members are singletons: hashed by identity in C (Enum's own hash
+    # is a Python call), as dict keys on the hot path.
+    __hash__ = object.__hash__
 
     DATA_COMMAND = "DATA command"
     DATA_ACCEPTED = "upstream answered 354"

@@ -18,7 +18,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
-from smtpwarden.protocol.diagnosis import diagnose
 from smtpwarden.protocol.errors import LocalProtocolError
 from smtpwarden.protocol.events import Bdat, Command, MailFrom, RcptTo, Verb
 from smtpwarden.protocol.records import (
@@ -124,7 +123,7 @@ class SessionTracker:
         True when that happened.
         """
         verb = command.verb
-        name = verb.value
+        name = verb._value_  # the plain attribute: ``value`` is a Python-level property
         if isinstance(command, MailFrom):
             self._start_body(None)
         elif verb is Verb.DATA:
@@ -141,7 +140,7 @@ class SessionTracker:
 
     def forwarded_continuation(self, verb: Verb, now: float) -> None:
         """Record a line sent upstream that is not a command (an AUTH response)."""
-        self._queue.append(Awaiting(name=verb.value, verb=verb, sent_at=now, command=None))
+        self._queue.append(Awaiting(name=verb._value_, verb=verb, sent_at=now, command=None))
 
     def forwarded_hidden(self, name: str, now: float) -> None:
         """Record a command of the relay's own; its reply is never the client's."""
@@ -494,4 +493,4 @@ class SessionTracker:
             attempts=attempts,
             duration_ms=round((now - tx.started_at) * 1000, 3),
         )
-        self.records.append(replace(record, diagnosis=diagnose(record)))
+        self.records.append(record)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from smtpwarden.protocol.diagnosis import diagnose
 from smtpwarden.protocol.events import Command, MailFrom, Param, RcptTo, Verb
 from smtpwarden.protocol.records import (
     Address,
@@ -143,11 +145,14 @@ def transaction_record(
     attempts: int,
     duration_ms: float,
 ) -> TransactionRecord:
-    """The record of a finished transaction, without its diagnosis.
+    """The record of a finished transaction, with its diagnosis.
 
     ``started`` is in seconds since the epoch; ``body`` is the size and
     SHA-256 of the message as sent, or None if none was.
     """
+    recipients = tuple(tx.recipients)
+    timeline = tuple(tx.steps)
+    facts = _Facts(final, timeline, outcome, tx.mail_from, recipients)
     return TransactionRecord(
         type="transaction",
         time=iso_time(started),
@@ -160,12 +165,12 @@ def transaction_record(
         auth=info.auth,
         helo=helo,
         mail_from=tx.mail_from,
-        recipients=tuple(tx.recipients),
+        recipients=recipients,
         taken_over=tuple(text_of(rcpt.path) for rcpt in tx.taken_over),
         body=tx.body,
         size=None if body is None else body[0],
         body_sha256=None if body is None else body[1],
-        timeline=tuple(tx.steps),
+        timeline=timeline,
         final_reply=final,
         outcome=outcome,
         attempts=attempts,
@@ -174,4 +179,15 @@ def transaction_record(
         if body is None
         else dedupe_key(tx.mail_command.line, [rcpt.line for rcpt in tx.accepted], body[1]),
         duration_ms=duration_ms,
+        diagnosis=diagnose(facts),
     )
+
+
+class _Facts(NamedTuple):
+    """What the diagnosis reads, before the record exists (it is built once)."""
+
+    final_reply: ReplyInfo | None
+    timeline: tuple[Step, ...]
+    outcome: Outcome
+    mail_from: Address
+    recipients: tuple[Address, ...]
