@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -74,7 +75,19 @@ def outcome_of(reply: Reply) -> Outcome:
 
 def iso_time(epoch_s: float) -> str:
     """Format seconds since the epoch as RFC 3339 UTC with milliseconds."""
-    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    # As datetime does: microseconds rounded half to even, then truncated.
+    seconds = math.floor(epoch_s)
+    micros = round((epoch_s - seconds) * 1_000_000)
+    if micros == 1_000_000:
+        seconds, micros = seconds + 1, 0
+    return f"{_second(seconds)}.{micros // 1000:03d}Z"
+
+
+# Every record has a time, and most records of a busy second share its
+# date and time of day: formatting them is kept for the latest few seconds.
+@functools.lru_cache(maxsize=8)
+def _second(epoch_s: int) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def text_of(raw: bytes) -> str:
