@@ -417,3 +417,25 @@ def test_connections_past_the_limit_are_closed_unanswered() -> None:
     refused, served = asyncio.run(run())
     assert refused == b""
     assert served.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_relay_with_a_spool_counts_its_entries(
+    start_relay: StartRelay, make_raw_upstream: Callable[..., RawUpstream], tmp_path: Any
+) -> None:
+    # The spool's counts are whole numbers: the text format must take them.
+    upstream = make_raw_upstream(replies={".": b"451 4.3.0 Try later\r\n"})
+    relay = start_relay(
+        upstream.config,
+        extra={
+            "routes": [{"name": "main", "policy": "requeue", "upstreams": [UPSTREAM]}],
+            "retry": {"attempts": 0},
+            "spool": {"path": str(tmp_path / "spool")},
+        },
+    )
+    with smtplib.SMTP(*relay.address(), timeout=WAIT_S) as client:
+        client.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+    http = relay.http_address()
+    assert http is not None
+    families = scrape(http)
+    waiting = [get(families, "smtpwarden_queue_messages", state=s) for s in ("queued", "deferred")]
+    assert sum(value or 0 for value in waiting) == 1

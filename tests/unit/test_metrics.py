@@ -51,6 +51,7 @@ def diagnosed(record: TransactionRecord) -> TransactionRecord:
     [
         pytest.param(0.0, "0", id="zero"),
         pytest.param(3.0, "3", id="integer"),
+        pytest.param(7, "7", id="an-int"),
         pytest.param(-2.0, "-2", id="negative"),
         pytest.param(0.25, "0.25", id="fraction"),
         pytest.param(1e-05, "1e-05", id="tiny"),

@@ -47,6 +47,10 @@ _EXACT_INTEGER: Final = 2.0**53
 
 def format_value(value: float) -> str:
     """A sample value as the text format writes it (Go's ParseFloat reads it)."""
+    if isinstance(value, int):
+        # Typed float, but ints pass too (PEP 484), and int has no
+        # is_integer() before Python 3.12.
+        value = float(value)
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
