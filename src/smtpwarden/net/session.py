@@ -26,8 +26,10 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import cast
 
+from smtpwarden.configdelivery import RetryConfig
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.flow import HELD_INPUT_BYTES, WRITE_HIGH_WATER_BYTES, Hold, ReadGate
 from smtpwarden.net.replay import Guard, contradicts, phrases_of, transient
@@ -59,6 +61,21 @@ log = logging.getLogger("smtpwarden.session")
 _now = time.monotonic
 
 _NO_TLS = Tls()
+
+
+@functools.lru_cache(maxsize=8)
+def _reply_checks(
+    retry: RetryConfig,
+) -> tuple[Callable[[Reply], bool], Callable[[Reply], bool]]:
+    """Whether a reply calls for a replay, and whether a 2xx contradicts itself.
+
+    Shared by every session of a configuration, not built for each one.
+    """
+    phrases = phrases_of(retry)
+    return (
+        functools.partial(transient, phrases=phrases),
+        functools.partial(contradicts, phrases=phrases),
+    )
 
 
 class Session(UpstreamLeg):
@@ -122,16 +139,13 @@ class Session(UpstreamLeg):
             upstream=self._upstream_record,
             tls=_NO_TLS,
         )
-        phrases = phrases_of(ctx.config.retry)
-        replays = None
-        if ctx.routes.guarded:
-            replays = functools.partial(transient, phrases=phrases)
+        replays, contradicted = _reply_checks(ctx.config.retry)
         self.tracker = SessionTracker(
             info=info,
             now=_now(),
             epoch_offset=ctx.epoch_offset,
-            replays=replays,
-            contradicts=functools.partial(contradicts, phrases=phrases),
+            replays=replays if ctx.routes.guarded else None,
+            contradicts=contradicted,
         )
         self._start_capture()
         ctx.sessions.add(self)

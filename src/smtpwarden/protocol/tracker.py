@@ -14,7 +14,6 @@ transaction ends in exactly one ``TransactionRecord``; the session ends in a
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -87,7 +86,10 @@ class SessionTracker:
         self.helo: str | None = None
         self.banner: ReplyInfo | None = None
         self.records: list[TransactionRecord] = []
-        self._queue: deque[Awaiting] = deque()
+        # A list, not a deque: it holds a few entries (at most the pipelining
+        # limit), and an idle session's empty list is a fraction of a deque's
+        # first block.
+        self._queue: list[Awaiting] = []
         self._queue.append(Awaiting(name="CONNECT", verb=None, sent_at=now, command=None))
         self._tx: Transaction | None = None
         self._count = 0
@@ -199,7 +201,7 @@ class SessionTracker:
         """
         if not self._queue or self._queue[0].local is not None:
             return None
-        entry = self._queue.popleft()
+        entry = self._queue.pop(0)
         self._answer(entry, reply, now)
         return entry
 
@@ -207,7 +209,7 @@ class SessionTracker:
         """Local replies that may go out now that earlier ones have."""
         out = b""
         while self._queue and self._queue[0].local is not None:
-            entry = self._queue.popleft()
+            entry = self._queue.pop(0)
             reply = entry.local
             assert reply is not None  # noqa: S101 - checked by the loop condition
             self._answer(entry, reply, now)
@@ -428,7 +430,7 @@ class SessionTracker:
         entry = self._queue[0]
         if entry.body is None or not entry.replayable:
             return False
-        self._queue.popleft()
+        self._queue.pop(0)
         self._step(entry, None, now)
         tx.sent = entry.body
         tx.replaying = True
