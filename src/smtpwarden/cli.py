@@ -22,13 +22,15 @@ from smtpwarden.config import (
     CLI_SOURCE,
     DEFAULT_SINK_FOLDER,
     EVENT_LOOPS,
-    Config,
     ConfigError,
+    Document,
     EventLoop,
-    default_config,
+    config_of,
+    default_document,
     load_config,
     parse_hostport,
-    simple_config,
+    read_document,
+    simple_document,
 )
 from smtpwarden.protocol.diagnosis import Diagnosis, diagnose_text
 from smtpwarden.spool import EntryState, SpoolError
@@ -36,6 +38,7 @@ from smtpwarden.spool import EntryState, SpoolError
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # argparse's own code for usage errors; bad configuration shares it
+WORKER_COMMAND = "_worker"  # net.worker.WORKER_COMMAND, without importing the network code
 
 DEFAULT_SINK_LISTEN = "127.0.0.1:2526"  # one above the relay's default 2525
 
@@ -63,7 +66,9 @@ Run the relay. With no option it uses the built-in default: a listener on
 127.0.0.1:2525 in front of a sink upstream that writes each message to
 ./mail. --config reads a YAML file; --listen and --upstream (always given
 together) relay one address to one upstream with every other setting at its
-default. SIGTERM stops gracefully, SIGINT faster."""
+default. SIGTERM stops gracefully, SIGINT faster. With "workers" above 1
+in the configuration, this process supervises that many relay processes
+on the same ports."""
 
 _RUN_EPILOG = """\
 examples:
@@ -280,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_event_loop(run, "the configuration's, else auto")
     run.set_defaults(handler=_run, command_parser=run)
 
+    # Hidden (no help): how the supervisor of `workers` starts each worker.
+    worker = commands.add_parser(WORKER_COMMAND)
+    worker.set_defaults(handler=_worker, command_parser=worker)
+
     check = commands.add_parser(
         "check-config",
         help="validate a configuration file",
@@ -340,20 +349,31 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--config cannot be combined with --listen or --upstream")
     if (args.listen is None) != (args.upstream is None):
         parser.error("--listen and --upstream must be given together")
-    config: Config
+    document: Document
     if args.config is not None:
-        config = load_config(args.config)
+        document = read_document(args.config)
     elif args.listen is not None:
-        config = simple_config(listen=args.listen, upstream=args.upstream)
+        document = simple_document(listen=args.listen, upstream=args.upstream)
     else:
-        config = default_config()
+        document = default_document()
+    config = config_of(document)
+    if config.workers > 1:
+        # Imported here so that --help and check-config never load the network code.
+        from smtpwarden.net.workers import run_supervisor
+
+        return run_supervisor(config, document, event_loop=args.event_loop)
     if args.event_loop is not None:
         config = dataclasses.replace(config, event_loop=args.event_loop)
 
-    # Imported here so that --help and check-config never load the network code.
     from smtpwarden.net.server import run_relay
 
     return run_relay(config)
+
+
+def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from smtpwarden.net.worker import run_worker
+
+    return run_worker()
 
 
 def _check_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -3,6 +3,10 @@
 A configuration comes from one of three places: a YAML file (`load_config`),
 the `run --listen/--upstream` shorthand (`simple_config`) or the embedded
 default (`default_config`). All three produce the same frozen `Config`.
+Each also has a `Document` form (`read_document`, `simple_document`,
+`default_document`): the mapping as loaded, before validation, with its
+source name; `config_of` validates it. Worker processes (`workers`) are
+handed that document, so that they parse exactly what the supervisor did.
 
 Validation is strict and reports every problem at once: unknown keys (with a
 suggestion), wrong types, values out of range, missing required keys,
@@ -14,8 +18,9 @@ says what each setting must be, except the sections it re-exports:
 `smtpwarden.configendpoints` defines and reads listeners and upstreams
 (with `smtpwarden.configtls` for their TLS, AUTH, PROXY protocol and
 access), `smtpwarden.configroutes` routes, `smtpwarden.configdelivery`
-retry, health and spool, `smtpwarden.configobserve` the HTTP endpoint, and
-`smtpwarden.configtranscripts` transcript capture and retention.
+retry, health and spool, `smtpwarden.configobserve` the HTTP endpoint,
+`smtpwarden.configtranscripts` transcript capture and retention, and
+`smtpwarden.configworkers` the number of relay processes.
 `smtpwarden.configcheck` holds the machinery that checks values and words
 the problems.
 
@@ -76,6 +81,10 @@ from smtpwarden.configtranscripts import ListenerTranscripts as ListenerTranscri
 from smtpwarden.configtranscripts import TranscriptMatch as TranscriptMatch
 from smtpwarden.configtranscripts import TranscriptsConfig as TranscriptsConfig
 from smtpwarden.configtranscripts import read_transcripts
+from smtpwarden.configworkers import AUTO_WORKERS as AUTO_WORKERS
+from smtpwarden.configworkers import MAX_WORKERS as MAX_WORKERS
+from smtpwarden.configworkers import available_cpus as available_cpus
+from smtpwarden.configworkers import read_workers
 
 EventLoop = Literal["auto", "uvloop", "asyncio"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -170,6 +179,9 @@ class LogConfig:
 class Config:
     event_loop: EventLoop = "auto"
     hostname: str  # used in locally generated replies
+    # Relay processes sharing the listeners (SO_REUSEPORT); "auto" is
+    # resolved when the configuration is read. 1: the relay runs alone.
+    workers: int = 1
     listeners: tuple[ListenerConfig, ...]
     upstreams: tuple[UpstreamConfig, ...]
     routes: tuple[RouteConfig, ...]  # every listener is matched by exactly one
@@ -183,6 +195,20 @@ class Config:
     http: HttpConfig
     transcripts: TranscriptsConfig
     source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A configuration as loaded, before validation.
+
+    `data` is what `parse_config` reads (plain YAML data), `source` the
+    name problems are reported under, and `problems` what was found while
+    reading it that validation cannot see (keys repeated in one mapping).
+    """
+
+    data: object
+    source: str
+    problems: tuple[str, ...] = ()
 
 
 # --- What each setting must be ---------------------------------------------
@@ -265,6 +291,7 @@ def parse_config(data: object, *, source: str) -> Config:
         raise ConfigError(source, check.problems)
     event_loop: EventLoop = check.value(top, "event_loop", "", _EVENT_LOOP, "auto")
     hostname = check.value(top, "hostname", "", _DOMAIN, "") or socket.getfqdn()
+    workers = read_workers(check, top)
     upstreams, upstream_names = read_upstreams(check, top)
     listeners, listener_names = read_listeners(check, top, upstream_names)
     routes = read_routes(check, top, listener_names, upstream_names)
@@ -285,6 +312,7 @@ def parse_config(data: object, *, source: str) -> Config:
     return Config(
         event_loop=event_loop,
         hostname=hostname,
+        workers=workers,
         listeners=listeners,
         upstreams=upstreams,
         routes=routes or _implicit_routes(listeners),
@@ -321,14 +349,13 @@ def route_for(config: Config, listener: str) -> RouteConfig:
 # --- Sources ---------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read a YAML file and return its validated `Config`.
+def read_document(path: str | os.PathLike[str]) -> Document:
+    """Read a YAML file into a `Document`, not yet validated.
 
     The file is parsed with PyYAML's safe loader (plain data only, no Python
-    objects). Keys repeated within one mapping are problems too.
-
-    Raises ConfigError (source: the path as given) if the file cannot be read,
-    is not valid YAML, or fails validation; all problems are listed at once.
+    objects). Keys repeated within one mapping become the document's
+    `problems`. Raises ConfigError (source: the path as given) if the file
+    cannot be read or is not valid YAML.
     """
     source = os.fspath(path)
     try:
@@ -346,13 +373,32 @@ def load_config(path: str | os.PathLike[str]) -> Config:
             loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(source, [yaml_problem(err)]) from err
+    return Document(data, source, tuple(duplicates))
+
+
+def config_of(document: Document) -> Config:
+    """Validate a `Document` and return its `Config`.
+
+    Raises ConfigError (source: the document's) listing the document's own
+    problems, then every validation problem.
+    """
     try:
-        config = parse_config(data, source=source)
+        config = parse_config(document.data, source=document.source)
     except ConfigError as err:
-        raise ConfigError(source, [*duplicates, *err.problems]) from None
-    if duplicates:
-        raise ConfigError(source, duplicates)
+        raise ConfigError(document.source, [*document.problems, *err.problems]) from None
+    if document.problems:
+        raise ConfigError(document.source, document.problems)
     return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read a YAML file and return its validated `Config`.
+
+    Keys repeated within one mapping are problems too (see `read_document`).
+    Raises ConfigError (source: the path as given) if the file cannot be read,
+    is not valid YAML, or fails validation; all problems are listed at once.
+    """
+    return config_of(read_document(path))
 
 
 def parse_hostport(text: str, *, what: str, allow_zero: bool = False) -> tuple[str, int]:
@@ -373,8 +419,8 @@ def parse_hostport(text: str, *, what: str, allow_zero: bool = False) -> tuple[s
 _SINK_PREFIX: Final = "sink:"
 
 
-def simple_config(*, listen: str, upstream: str) -> Config:
-    """Build the `Config` for `run --listen HOST:PORT --upstream HOST:PORT`.
+def simple_document(*, listen: str, upstream: str) -> Document:
+    """The `Document` of `run --listen HOST:PORT --upstream HOST:PORT`.
 
     `upstream` may also be "sink:FOLDER": an upstream of kind sink that writes
     captured mail to FOLDER. Everything else takes its default.
@@ -398,13 +444,27 @@ def simple_config(*, listen: str, upstream: str) -> Config:
         "listeners": [{"host": listen_host, "port": listen_port}],
         "upstreams": [upstream_section],
     }
-    return parse_config(data, source=CLI_SOURCE)
+    return Document(data, CLI_SOURCE)
 
 
-def default_config() -> Config:
-    """Return the embedded default: 127.0.0.1:2525 in front of a sink writing to ./mail."""
+def simple_config(*, listen: str, upstream: str) -> Config:
+    """Build the `Config` for `run --listen HOST:PORT --upstream HOST:PORT`.
+
+    See `simple_document`; raises ConfigError (source "<cli>") naming
+    "--listen" and/or "--upstream".
+    """
+    return config_of(simple_document(listen=listen, upstream=upstream))
+
+
+def default_document() -> Document:
+    """The `Document` of the embedded default (see `default_config`)."""
     data = {
         "listeners": [{"host": "127.0.0.1", "port": DEFAULT_LISTEN_PORT}],
         "upstreams": [{"kind": "sink", "path": DEFAULT_SINK_FOLDER}],
     }
-    return parse_config(data, source=DEFAULT_SOURCE)
+    return Document(data, DEFAULT_SOURCE)
+
+
+def default_config() -> Config:
+    """Return the embedded default: 127.0.0.1:2525 in front of a sink writing to ./mail."""
+    return config_of(default_document())

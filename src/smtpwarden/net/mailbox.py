@@ -166,7 +166,8 @@ class Mailbox:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._serial = itertools.count(1)
         self._drafts = itertools.count(1)
-        self._tag = secrets.token_hex(2)
+        # Random per process: several processes (workers) may share a folder.
+        self._tag = secrets.token_hex(4)
 
     def draft(self, max_bytes: int, *, unstuff: bool) -> Draft:
         """Start a message; a folder that cannot be written gives a failed draft."""

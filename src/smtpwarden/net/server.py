@@ -13,6 +13,10 @@ Shutdown (SIGTERM, SIGINT faster): stop accepting, close sessions that sit
 between transactions with 421, let the others finish their transaction up
 to the grace deadline, then close what is left with 421. A second signal
 skips the grace.
+
+As one of several worker processes (``workers``, see ``net.workers``), a
+relay binds its listeners with SO_REUSEPORT beside the others and leaves
+spool recovery to the supervisor, which ran it before any worker started.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import secrets
 import signal
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from smtpwarden.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, route_for
 from smtpwarden.configroutes import domain_routes
@@ -61,8 +65,20 @@ MIN_TICK_S = 0.02
 class Relay:
     """Everything one relay process runs."""
 
-    def __init__(self, config: Config, *, records: RecordLog | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        records: RecordLog | None = None,
+        reuse_port: bool = False,
+        recover_spool: bool = True,
+    ) -> None:
         self.config = config
+        # A worker shares its ports with the other workers, and must not
+        # recover the spool: a put of another worker has exactly the
+        # half-written files recovery removes.
+        self.reuse_port = reuse_port
+        self.recover_spool = recover_spool
         self.records = records or RecordLog(config.log.transactions, sessions=config.log.sessions)
         self.sessions: set[Session] = set()
         self.servers: dict[str, asyncio.Server] = {}
@@ -79,6 +95,7 @@ class Relay:
         self.checker: HealthChecker | None = None
         self._checker: asyncio.Task[None] | None = None
         self._tick: asyncio.Task[None] | None = None
+        self._stopping: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
         self._drained = asyncio.Event()  # no session left open
         self._gone = asyncio.Event()  # no client connection left
@@ -106,18 +123,20 @@ class Relay:
             targets[upstream.name] = await self._target(upstream)
         if any(route.policy == "requeue" for route in config.routes):
             self.spool = Spool(config.spool.path)
-            report = self.spool.recover()
-            log.info(
-                "spool %s: %d to resume, %d held, %d dead, %d quarantined",
-                config.spool.path,
-                len(report.resume),
-                report.held,
-                report.dead,
-                len(report.quarantined),
-            )
+            if self.recover_spool:
+                report = self.spool.recover()
+                log.info(
+                    "spool %s: %d to resume, %d held, %d dead, %d quarantined",
+                    config.spool.path,
+                    len(report.resume),
+                    report.held,
+                    report.dead,
+                    len(report.quarantined),
+                )
         # Before the listeners: their log lines say the relay is up.
         await self._start_watching(targets)
-        prefix = secrets.token_hex(3)
+        # 32 random bits: worker processes draw their own, and must not meet.
+        prefix = secrets.token_hex(4)
         serial = itertools.count(1)
 
         def next_id() -> str:
@@ -159,6 +178,7 @@ class Relay:
                 listener.host,
                 listener.port,
                 reuse_address=True,
+                reuse_port=self.reuse_port,
                 ssl=native,
                 ssl_handshake_timeout=OPENING_TIMEOUT_S if native is not None else None,
             )
@@ -304,6 +324,20 @@ class Relay:
         self.records.flush()
         self.stopped.set()
 
+    @property
+    def stopping(self) -> bool:
+        """True once ``request_stop`` began a stop."""
+        return self._stopping is not None
+
+    def request_stop(self, grace: float) -> None:
+        """SIGTERM or SIGINT: stop with ``grace``; asked again, close every session now."""
+        if self._stopping is not None:
+            for session in list(self.sessions):
+                session.force_close()
+            return
+        log.info("shutting down, %.1f s grace", grace)
+        self._stopping = asyncio.get_running_loop().create_task(self.stop(grace))
+
     def reload_certificates(self) -> None:
         """SIGHUP: listeners with TLS load their certificate and key again.
 
@@ -342,8 +376,16 @@ class Relay:
         self.records.close()
 
 
-def run_relay(config: Config) -> int:
-    """Run the relay until a signal stops it; return the exit code."""
+def run_relay(
+    config: Config, *, worker: bool = False, ready: Callable[[Relay], None] | None = None
+) -> int:
+    """Run the relay until a signal stops it; return the exit code.
+
+    ``worker``: one of several relay processes (``net.worker``): listeners
+    bind with SO_REUSEPORT and the spool is not recovered. ``ready`` is
+    called on the event loop once the listeners are up and the signals
+    handled.
+    """
     logging.basicConfig(
         level=config.log.level.upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -351,7 +393,7 @@ def run_relay(config: Config) -> int:
     factory, loop_name = loop_factory(config.event_loop)
 
     async def main() -> int:
-        relay = Relay(config)
+        relay = Relay(config, reuse_port=worker, recover_spool=not worker)
         loop = asyncio.get_running_loop()
         # Before the listeners log that they are up: SIGHUP's default action
         # would end the process, and a reload then reaches every listener
@@ -363,19 +405,10 @@ def run_relay(config: Config) -> int:
             log.error("cannot start: %s", error)
             return 1
         log.info("smtpwarden running on %s", loop_name)
-        stopping: list[asyncio.Task[None]] = []
-
-        def on_signal(grace: float) -> None:
-            if stopping:
-                # A second signal: no more grace.
-                for session in list(relay.sessions):
-                    session.force_close()
-                return
-            log.info("shutting down, %.1f s grace", grace)
-            stopping.append(loop.create_task(relay.stop(grace)))
-
-        loop.add_signal_handler(signal.SIGTERM, on_signal, config.shutdown.grace)
-        loop.add_signal_handler(signal.SIGINT, on_signal, config.shutdown.fast)
+        loop.add_signal_handler(signal.SIGTERM, relay.request_stop, config.shutdown.grace)
+        loop.add_signal_handler(signal.SIGINT, relay.request_stop, config.shutdown.fast)
+        if ready is not None:
+            ready(relay)
         await relay.stopped.wait()
         relay.close_log()
         return 0

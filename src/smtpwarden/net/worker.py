@@ -1,0 +1,237 @@
+"""One relay process under the supervisor (``workers``; ``net.workers``).
+
+The supervisor starts each worker as ``python -m smtpwarden _worker`` and
+writes one line on its standard input, a JSON object (``WorkerBrief``):
+
+- ``index``: the worker's number, 0 to ``workers`` - 1, kept across restarts;
+- ``config`` and ``source``: the configuration document as the supervisor
+  loaded it, and its name, parsed here exactly as there (a file that
+  changed since is not read again);
+- ``event_loop``: ``run --event-loop``, or null;
+- ``ports``: each listener's port, as the supervisor reserved it (a
+  listener's port 0 becomes the one port all workers share);
+- ``status_fd``: the descriptor of the pipe the worker reports on.
+
+The worker then runs a relay like ``smtpwarden run`` does, except that its
+listeners bind with SO_REUSEPORT beside the other workers', it never
+recovers the spool (the supervisor did, before any worker started; a
+worker restarted while others run would remove their puts under way), and
+its HTTP endpoint, if any, listens on 127.0.0.1 port 0 for the supervisor
+alone. Once its listeners are up it writes one line on ``status_fd``:
+``{"pid": ..., "http": [host, port] or null}``. Its log lines name it
+("worker 2"). Records for standard output (``log.transactions: "-"``) go
+to its standard output, which the supervisor passes on a whole line at a
+time.
+
+Standard input stays open while the supervisor lives: end of file there
+means the supervisor is gone, and the worker shuts down as on SIGTERM.
+
+``worker_document`` runs in the supervisor, before any worker starts: it
+checks that the document reaches the workers through JSON unchanged.
+
+Rule: no worker decides anything for the others; it serves, reports ready,
+and stops when told or orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import BinaryIO, Final, cast
+
+from smtpwarden.config import (
+    EVENT_LOOPS,
+    Config,
+    ConfigError,
+    Document,
+    EventLoop,
+    HttpConfig,
+    parse_config,
+)
+from smtpwarden.net.server import Relay, run_relay
+
+log = logging.getLogger("smtpwarden.worker")
+
+WORKER_COMMAND: Final = "_worker"
+WORKER_SOURCE: Final = "<worker brief>"
+# The brief is one line of JSON holding the configuration document; a YAML
+# file of a few hundred KiB is already an unusual configuration. Our choice.
+MAX_BRIEF_BYTES: Final = 16 * 1024 * 1024
+# The worker's own HTTP endpoint: on loopback, on a free port, for the
+# supervisor's scrapes and probes only.
+INTERNAL_HTTP_HOST: Final = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerBrief:
+    """What the supervisor tells a worker (see the module docstring)."""
+
+    index: int
+    config: object
+    source: str
+    event_loop: EventLoop | None
+    ports: dict[str, int]
+    status_fd: int
+
+    def encode(self) -> bytes:
+        """The brief as the one line the worker reads; raises ValueError or TypeError
+        for a document JSON cannot carry."""
+        fields = dataclasses.asdict(self)
+        return json.dumps(fields, allow_nan=False, separators=(",", ":")).encode() + b"\n"
+
+    @classmethod
+    def decode(cls, line: bytes) -> WorkerBrief:
+        """Read a brief; raises ConfigError naming what is wrong with it."""
+        try:
+            raw = json.loads(line)
+        except ValueError as error:
+            raise ConfigError(WORKER_SOURCE, [f"not a JSON line: {error}"]) from None
+        problems: list[str] = []
+        if not isinstance(raw, dict):
+            raise ConfigError(WORKER_SOURCE, ["expected a JSON object"])
+        index, source, loop = raw.get("index"), raw.get("source"), raw.get("event_loop")
+        ports, status = raw.get("ports"), raw.get("status_fd")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            problems.append("index: expected an integer >= 0")
+        if not isinstance(source, str):
+            problems.append("source: expected a string")
+        if loop is not None and loop not in EVENT_LOOPS:
+            problems.append(f"event_loop: expected one of {', '.join(EVENT_LOOPS)} or null")
+        if not isinstance(ports, dict) or not all(
+            isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+            for port in ports.values()
+        ):
+            problems.append("ports: expected a mapping of listener names to ports 1-65535")
+        if not isinstance(status, int) or isinstance(status, bool) or status < 0:
+            problems.append("status_fd: expected a file descriptor")
+        if "config" not in raw:
+            problems.append("config: missing")
+        if problems:
+            raise ConfigError(WORKER_SOURCE, problems)
+        return cls(
+            index=cast(int, index),
+            config=raw["config"],
+            source=cast(str, source),
+            event_loop=cast("EventLoop | None", loop),
+            ports=cast(dict[str, int], ports),
+            status_fd=cast(int, status),
+        )
+
+
+def worker_config(config: Config, brief: WorkerBrief) -> Config:
+    """``config`` as this worker runs it: the reserved ports, the internal endpoint.
+
+    Raises ConfigError if the brief names no port for a listener.
+    """
+    missing = [item.name for item in config.listeners if item.name not in brief.ports]
+    if missing:
+        raise ConfigError(WORKER_SOURCE, [f"ports: no port for listener {missing[0]}"])
+    listeners = tuple(
+        dataclasses.replace(item, port=brief.ports[item.name]) for item in config.listeners
+    )
+    http = config.http
+    if http.enabled:
+        http = HttpConfig(enabled=True, host=INTERNAL_HTTP_HOST, port=0)
+    event_loop = brief.event_loop or config.event_loop
+    return dataclasses.replace(config, listeners=listeners, http=http, event_loop=event_loop)
+
+
+def worker_document(config: Config, document: Document) -> Document:
+    """``document`` as the workers will read it: through JSON, and checked.
+
+    Raises ConfigError when JSON cannot carry it, or when it would not give
+    the workers the configuration the supervisor runs (YAML data that JSON
+    changes, such as a mapping key that is not a string).
+    """
+    probe = WorkerBrief(
+        index=0,
+        config=document.data,
+        source=document.source,
+        event_loop=None,
+        ports={},
+        status_fd=1,
+    )
+    problem = ["the configuration cannot be handed to worker processes as JSON"]
+    try:
+        carried = WorkerBrief.decode(probe.encode()).config
+    except (TypeError, ValueError) as error:
+        raise ConfigError(document.source, [f"{problem[0]}: {error}"]) from None
+    if parse_config(carried, source=document.source) != config:
+        raise ConfigError(document.source, problem)
+    return Document(carried, document.source)
+
+
+def run_worker(stdin: BinaryIO | None = None) -> int:
+    """Read the brief on standard input, run the relay; return the exit code.
+
+    Raises ConfigError for a brief or configuration that does not parse
+    (``cli.main`` reports it, exit 2), OSError as ``run_relay`` does.
+    """
+    # Until the relay handles them: SIGHUP must not end a starting worker,
+    # and SIGINT (from the supervisor only: a worker has its own session)
+    # stops it quietly rather than with a KeyboardInterrupt trace.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    stream = stdin if stdin is not None else sys.stdin.buffer
+    line = stream.readline(MAX_BRIEF_BYTES + 1)
+    if not line.endswith(b"\n"):
+        raise ConfigError(WORKER_SOURCE, ["expected one line of JSON on standard input"])
+    brief = WorkerBrief.decode(line)
+    config = worker_config(parse_config(brief.config, source=brief.source), brief)
+    logging.basicConfig(
+        level=config.log.level.upper(),
+        format=f"%(asctime)s worker {brief.index} %(name)s %(levelname)s %(message)s",
+    )
+    input_fd = stream.fileno()
+    watching: list[asyncio.Task[None]] = []  # a task the loop alone would not keep
+
+    def ready(relay: Relay) -> None:
+        _report_ready(brief.status_fd, relay)
+        watch = _watch_supervisor(input_fd, relay, config.shutdown.grace)
+        watching.append(asyncio.get_running_loop().create_task(watch))
+
+    return run_relay(config, worker=True, ready=ready)
+
+
+def _report_ready(status_fd: int, relay: Relay) -> None:
+    """Tell the supervisor this worker serves: one JSON line, then the pipe is closed."""
+    address = relay.http_address()
+    status = {"pid": os.getpid(), "http": list(address) if address is not None else None}
+    try:
+        os.write(status_fd, json.dumps(status).encode() + b"\n")
+    except OSError as error:  # the supervisor is gone: standard input says so too
+        log.warning("cannot report to the supervisor: %s", error)
+    finally:
+        os.close(status_fd)
+
+
+class _Orphaned(asyncio.Protocol):
+    """Watches standard input; its end means the supervisor is gone."""
+
+    def __init__(self, gone: asyncio.Future[None]) -> None:
+        self._gone = gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._gone.done():
+            self._gone.set_result(None)
+
+
+async def _watch_supervisor(input_fd: int, relay: Relay, grace: float) -> None:
+    """Shut the relay down, as SIGTERM does, once standard input ends."""
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+    pipe = os.fdopen(input_fd, "rb", buffering=0, closefd=False)
+    transport, _ = await loop.connect_read_pipe(lambda: _Orphaned(gone), pipe)
+    try:
+        await gone
+    finally:
+        transport.close()
+    if not relay.stopping:  # a stop under way keeps its grace
+        log.warning("the supervisor is gone (standard input closed): shutting down")
+        relay.request_stop(grace)
