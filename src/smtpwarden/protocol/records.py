@@ -106,21 +106,28 @@ class ReplyInfo:
 
     @classmethod
     def of(cls, reply: Reply, *, local: bool) -> ReplyInfo:
-        if len(reply.raw) <= CACHED_REPLY_BYTES:
-            return _info_of(reply, local)
-        return cls(code=reply.code, enhanced=reply.enhanced, text=reply.text, local=local)
+        raw = reply.raw
+        if len(raw) > CACHED_REPLY_BYTES:
+            return cls(code=reply.code, enhanced=reply.enhanced, text=reply.text, local=local)
+        key = (raw, local)
+        info = _INFO_OF.get(key)
+        if info is None:
+            if len(_INFO_OF) >= CACHED_REPLIES:
+                _INFO_OF.clear()
+            info = _INFO_OF[key] = cls(
+                code=reply.code, enhanced=reply.enhanced, text=reply.text, local=local
+            )
+        return info
 
 
 # Records keep a ReplyInfo for the replies to MAIL, RCPT and the end of each
 # message; most are the same few short replies, and a ReplyInfo is immutable,
-# so one is shared instead of parsing the reply's text again. Only short
-# replies are kept, so that the cache stays small whatever upstreams send.
+# so one is shared instead of parsing the reply's text again. The cache is
+# keyed by the reply's octets (compared in C) and holds only short replies,
+# at most CACHED_REPLIES of them, so it stays small whatever upstreams send.
 CACHED_REPLY_BYTES = 512
-
-
-@functools.lru_cache(maxsize=1024)
-def _info_of(reply: Reply, local: bool) -> ReplyInfo:
-    return ReplyInfo(code=reply.code, enhanced=reply.enhanced, text=reply.text, local=local)
+CACHED_REPLIES = 1024
+_INFO_OF: dict[tuple[bytes, bool], ReplyInfo] = {}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
