@@ -304,6 +304,10 @@ def test_requeue_spools_what_the_replays_could_not_deliver(
     with Spool(spool) as reopened:
         entry = reopened.get(queue_id)
         assert entry.duplicate_risk is False
+        # The upstreams just failed it: the first delivery waits the first
+        # backoff (300 s by default, with 20% jitter).
+        assert entry.attempts == 0
+        assert 240 <= entry.next_attempt - entry.created <= 360
         assert entry.mail_from == b"MAIL FROM:<sender@example.org>"
         assert [r.line for r in entry.recipients] == [b"RCPT TO:<rcpt@example.net>"]
         with reopened.open_message(queue_id) as message:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from smtpwarden.config import LimitsConfig, RetryConfig, TimeoutsConfig
+from smtpwarden.config import Config, LimitsConfig, RetryConfig, TimeoutsConfig
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.delivery import Attempt, Envelope, deliver
 from smtpwarden.net.held import HeldMessage
@@ -35,8 +36,14 @@ from smtpwarden.protocol.transaction import Replay, dedupe_key
 from smtpwarden.spool.errors import SpoolError
 from smtpwarden.spool.model import BodyKind
 from smtpwarden.spool.model import Envelope as SpoolEnvelope
+from smtpwarden.spool.schedule import Backoff, delay
 
 log = logging.getLogger("smtpwarden.replay")
+
+# The configuration allows a jitter of 1 (a delay anywhere from 0 to twice
+# itself); ``schedule.Backoff`` needs it below 1 so that no delay is 0.
+MAX_JITTER = 0.99
+_JITTER = random.Random()  # noqa: S311 - spreads deliveries, not a secret
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +56,18 @@ class ReplayResult:
     attempts: int  # upstream attempts in all, the first included
     remaining: tuple[bytes, ...] = ()  # RCPT lines no attempt delivered to
     duplicate_risk: bool = False  # an attempt sent the message and got no clean answer
+
+
+def backoff_of(config: Config) -> Backoff:
+    """The delays between deliveries of a spooled message, as configured."""
+    settings = config.spool.backoff
+    return Backoff(
+        initial_s=settings.initial,
+        factor=settings.factor,
+        maximum_s=settings.maximum,
+        jitter=min(settings.jitter, MAX_JITTER),
+        max_age_s=config.spool.max_age,
+    )
 
 
 def phrases_of(retry: RetryConfig) -> tuple[str, ...]:
@@ -213,6 +232,10 @@ async def requeue(
         route=route.name,
         # Also when the first upstream never answered the end of the message.
         duplicate_risk=spent.duplicate_risk or wanted.first_failure is None,
+        # The upstreams just failed it: the first delivery from the spool
+        # waits as a failed delivery from the spool does (Postfix defers a
+        # message the same way), not at once.
+        delay_s=delay(1, _JITTER, backoff_of(ctx.config)),
     )
     try:
         queue_id = await ctx.spool.put(envelope, held.chunks())

@@ -46,14 +46,14 @@ from typing import BinaryIO, TypeVar
 from smtpwarden.config import Config
 from smtpwarden.net.delivery import Envelope, deliver
 from smtpwarden.net.held import READ_BLOCK_BYTES
-from smtpwarden.net.replay import phrases_of
+from smtpwarden.net.replay import backoff_of, phrases_of
 from smtpwarden.net.upstream import Target
 from smtpwarden.net.verdict import DeliveryOutcome, DeliveryRecord, RecipientResult, judge, settle
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.records import Upstream, iso_time
 from smtpwarden.spool import BodyKind, Entry, EntryBusy, EntryState, Lease, NoSuchEntry, Spool
 from smtpwarden.spool.model import RecipientState
-from smtpwarden.spool.schedule import Backoff, expired, next_attempt
+from smtpwarden.spool.schedule import expired, next_attempt
 
 log = logging.getLogger("smtpwarden.spooler")
 
@@ -62,9 +62,6 @@ T = TypeVar("T")
 # The longest wait between two looks at the spool: an operator's
 # ``queue retry`` or ``release`` is picked up within it. Our choice.
 TICK_S = 1.0
-# The configuration allows a jitter of 1 (a delay anywhere from 0 to twice
-# itself); ``schedule.Backoff`` needs it below 1 so that no delay is 0.
-MAX_JITTER = 0.99
 # ``last_error`` is shown by ``smtpwarden queue``: a line, not a transcript.
 ERROR_CHARS = 500
 CRLF = b"\r\n"
@@ -96,14 +93,7 @@ class QueueRunner:
         self._records = records
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
         self._clock = clock
-        settings = config.spool.backoff
-        self._backoff = Backoff(
-            initial_s=settings.initial,
-            factor=settings.factor,
-            maximum_s=settings.maximum,
-            jitter=min(settings.jitter, MAX_JITTER),
-            max_age_s=config.spool.max_age,
-        )
+        self._backoff = backoff_of(config)
         self._phrases = phrases_of(config.retry)
         self._woken = asyncio.Event()
         # Outcomes that could not be written back (a full disk): not before

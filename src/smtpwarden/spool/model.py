@@ -141,7 +141,8 @@ class Envelope:
     still need delivery. ``dedupe_key`` is the caller's hash of envelope and
     body, kept for records; ``route`` names the route that spooled it and is
     opaque to the spool. ``duplicate_risk`` says that an attempt before
-    spooling may have delivered the message without saying so.
+    spooling may have delivered the message without saying so. The first
+    delivery is due ``delay_s`` seconds after the put.
     """
 
     mail_from: bytes
@@ -151,6 +152,7 @@ class Envelope:
     dedupe_key: str
     route: str = ""
     duplicate_risk: bool = False
+    delay_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

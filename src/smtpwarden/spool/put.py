@@ -151,7 +151,7 @@ class Writer:
                 state=EntryState.QUEUED,
                 created=now,
                 attempts=0,
-                next_attempt=now,
+                next_attempt=now + envelope.delay_s,
                 last_error=None,
                 mail_from=mail_from,
                 recipients=recipients,
