@@ -156,11 +156,8 @@ class QueueRunner:
         await self._woken.wait()
 
     async def _scan(self) -> list[str]:
-        def due() -> list[str]:
-            return [entry.queue_id for entry in self.spool.due(self._clock())]
-
         try:
-            return await _blocking(due)
+            return await _blocking(functools.partial(self.spool.due, self._clock()))
         except Exception:
             log.exception("cannot scan the spool")
             return []

@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import functools
+import math
 import os
 import threading
 import time
@@ -108,6 +109,9 @@ class Spool:
         self._puts = 0  # puts under way: ``close`` waits for them, ``recover`` refuses
         self._closed = False
         self.writer = Writer(self.layout, clock, group_commit=group_commit)
+        # ``due``'s memory: per entry, its envelope file's version and when
+        # it is due (infinity when it is not deliverable).
+        self._due_at: dict[str, tuple[tuple[int, int, int], float]] = {}
         try:
             self.layout.create()
             self._lock_fd = os.open(
@@ -217,13 +221,36 @@ class Spool:
             if state is None or entry.state is state:
                 yield entry
 
-    def due(self, now: float) -> Iterator[Entry]:
-        """Queued and deferred entries whose next attempt is at or before ``now``."""
-        for entry in self.entries():
-            if entry.state in (EntryState.QUEUED, EntryState.DEFERRED) and (
-                entry.next_attempt <= now
-            ):
-                yield entry
+    def due(self, now: float) -> list[str]:
+        """Queued and deferred entries whose next attempt is at or before ``now``, oldest first.
+
+        The delivery workers ask every second, and a spool may hold tens of
+        thousands of deferred entries: an envelope is read again only when
+        its file changed (another inode, size or modification time), else
+        what it said last time is reused. Raises SpoolError if the queue
+        folder cannot be read.
+        """
+        seen: dict[str, tuple[tuple[int, int, int], float]] = {}
+        due = []
+        for queue_id in self._queue_ids():
+            try:
+                stat = os.stat(self.layout.envelope(queue_id))
+            except OSError:
+                continue  # removed meanwhile; a folder error shows in the listing
+            version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            known = self._due_at.get(queue_id)
+            if known is None or known[0] != version:
+                try:
+                    entry = self.get(queue_id)
+                except (NoSuchEntry, CorruptEntry):
+                    continue
+                deliverable = entry.state in (EntryState.QUEUED, EntryState.DEFERRED)
+                known = (version, entry.next_attempt if deliverable else math.inf)
+            seen[queue_id] = known
+            if known[1] <= now:
+                due.append(queue_id)
+        self._due_at = seen  # entries gone since the last look are forgotten
+        return due
 
     def _queue_ids(self) -> list[str]:
         try:
