@@ -19,7 +19,7 @@ import pytest
 
 from integration.recording_upstreams import RawUpstream
 from integration.relay_harness import WAIT_S, RunningRelay, StartRelay, WireClient
-from smtpwarden.net.flow import HELD_INPUT_BYTES, WRITE_HIGH_WATER_BYTES, Hold
+from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold
 
 # Far beyond what loopback socket buffers hold on both legs together, so a
 # relay that kept reading would have to hold most of it in memory.
@@ -33,15 +33,18 @@ POLL_S = 0.01
 class StallingUpstream:
     """Answers like an MTA, but stalls on DATA until told to go on.
 
-    ``read_gate`` holds back reading the DATA section; ``verdict_gate``, when
-    cleared, holds back the 354; with ``answer_dot`` unset it reads the
-    message and never answers the final dot.
+    ``read_gate`` holds back reading the DATA section; ``verdict_gate`` and
+    ``banner_gate``, when cleared, hold back the 354 and the banner; with
+    ``answer_dot`` unset it reads the message and never answers the final
+    dot.
     """
 
     def __init__(self, *, answer_dot: bool = True) -> None:
         self.read_gate = threading.Event()
         self.verdict_gate = threading.Event()
         self.verdict_gate.set()
+        self.banner_gate = threading.Event()
+        self.banner_gate.set()
         self.answer_dot = answer_dot
         self.received = bytearray()
         self.done = threading.Event()
@@ -59,6 +62,7 @@ class StallingUpstream:
         sock, _ = self._listener.accept()
         sock.settimeout(WAIT_S * 3)
         with sock:
+            self.banner_gate.wait(WAIT_S * 3)
             sock.sendall(b"220 upstream.test ESMTP\r\n")
             pending = b""
             while True:
@@ -182,7 +186,7 @@ def test_a_client_that_sends_its_message_before_the_354_is_paused(
         while not paused()[0]:
             assert time.monotonic() < deadline, "reading from the client never paused"
             time.sleep(POLL_S)
-        assert paused()[1] <= HELD_INPUT_BYTES + 256 * 1024
+        assert paused()[1] <= 256 * 1024  # one read at most
         assert sender.is_alive()
         stalling_upstream.verdict_gate.set()
         sender.join(WAIT_S * 3)
@@ -192,6 +196,49 @@ def test_a_client_that_sends_its_message_before_the_354_is_paused(
         client.command(b"QUIT\r\n", 221)
     assert stalling_upstream.done.is_set()
     assert bytes(stalling_upstream.received).endswith(body + b".\r\n")
+
+
+@pytest.mark.parametrize("gate", ["banner", "verdict"])
+def test_a_client_that_sends_everything_and_half_closes_is_served(
+    start_relay: StartRelay, stalling_upstream: StallingUpstream, gate: str
+) -> None:
+    # Its commands (or its message) in one write, then EOF, while the relay
+    # waits for the upstream's banner (or 354): the EOF must wait its turn
+    # behind the input already read, not end the session.
+    stalling_upstream.read_gate.set()
+    held = stalling_upstream.banner_gate if gate == "banner" else stalling_upstream.verdict_gate
+    held.clear()
+    relay = start_relay(stalling_upstream.config)
+    body = b"Subject: all at once\r\n\r\nhello\r\n"
+    with WireClient(relay.address()) as client:
+        if gate == "verdict":
+            client.start_transaction()
+            client.send(b"DATA\r\n" + body + b".\r\n")
+        else:
+            client.send(
+                b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\n"
+                b"RCPT TO:<b@example.net>\r\nRSET\r\nQUIT\r\n"
+            )
+        client.sock.shutdown(socket.SHUT_WR)
+
+        def read_ahead() -> bool:
+            assert relay.relay is not None
+            sessions = relay.relay.sessions
+            return not sessions or any(session.core.buffered for session in sessions)
+
+        deadline = time.monotonic() + WAIT_S
+        while not relay.call(read_ahead):
+            assert time.monotonic() < deadline, "the relay never read the client's input"
+            time.sleep(POLL_S)
+        held.set()
+        raw = client.read_to_eof()
+    codes = [int(line[:3]) for line in raw.split(b"\r\n") if line[3:4] == b" "]
+    if gate == "verdict":
+        assert codes == [354, 250]
+        assert stalling_upstream.done.wait(WAIT_S)
+        assert bytes(stalling_upstream.received).endswith(body + b".\r\n")
+    else:
+        assert codes == [220, 250, 250, 250, 250, 221]
 
 
 def test_silence_after_the_dot_is_an_unknown_outcome(start_relay: StartRelay) -> None:

@@ -16,7 +16,10 @@ WRITE_HIGH_WATER_BYTES = 64 * 1024
 
 
 class Hold:
-    """Why reading from the client is paused: bits, combined with ``|``.
+    """Why the client's input is not taken: bits, combined with ``|``.
+
+    Each pauses reading from the client's socket at once, except the soft
+    ones (``SOFT_HOLDS``), which pause it only once input waits behind them.
 
     Plain integers rather than an ``enum.IntFlag``: the gate tests and sets
     them several times per command, and flag arithmetic on an enum costs
@@ -33,14 +36,12 @@ class Hold:
 
 
 # Reasons that stop the session from taking the client's input without
-# stopping the transport: the input waits in the session's buffer, and the
-# transport is paused only once that holds ``HELD_INPUT_BYTES`` (see
-# ``ReadGate.overflowing``). A client that waits for its replies, as nearly
-# all do, then costs no pause and resume of the socket per message.
+# stopping the transport at once: the transport is paused only when input
+# is actually waiting behind the hold (see ``ReadGate.overflowing``), so that
+# neither more input nor the client's EOF is read ahead of it. A client that
+# waits for its replies, as nearly all do, then costs no pause and resume of
+# the socket per message.
 SOFT_HOLDS: Final = Hold.VERDICT | Hold.CONNECT
-# Input kept behind a soft hold before reading stops: a full write buffer's
-# worth, as for the other side.
-HELD_INPUT_BYTES: Final = 64 * 1024
 
 
 class ReadGate:
@@ -72,7 +73,7 @@ class ReadGate:
             self._start()
 
     def overflowing(self) -> None:
-        """Input piles up behind a hold: stop the transport until every hold lifts."""
+        """Input waits behind a hold: stop the transport until every hold lifts."""
         if self._holds:
             self._stop()
 

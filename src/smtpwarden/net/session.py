@@ -14,9 +14,11 @@ Rules kept here:
 - A 2xx to the end of a message is the upstream's reply to that message
   (or, under retry, a replay's), or, under requeue, comes only once the
   message is fsynced in the spool (PRODUCT.md, invariant 1).
-- Reading from the client pauses while the upstream's write buffer is full,
-  while DATA awaits the upstream's verdict, and while too many pipelined
-  commands await replies (``flow.Hold``); reading from the upstream pauses
+- Reading from the client pauses while the upstream's write buffer is full
+  and while too many pipelined commands await replies; while DATA awaits
+  the upstream's verdict, or the upstream is not ready yet, the client's
+  input is not taken, and the socket is paused once some arrives
+  (``flow.Hold``, ``flow.SOFT_HOLDS``); reading from the upstream pauses
   while the client's write buffer is full.
 """
 
@@ -31,7 +33,7 @@ from typing import cast
 
 from smtpwarden.configdelivery import RetryConfig
 from smtpwarden.net.context import ListenerContext
-from smtpwarden.net.flow import HELD_INPUT_BYTES, WRITE_HIGH_WATER_BYTES, Hold, ReadGate
+from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
 from smtpwarden.net.replay import Guard, contradicts, phrases_of, transient
 from smtpwarden.net.routing import Route
 from smtpwarden.net.upstreamleg import UpstreamLeg
@@ -59,6 +61,13 @@ log = logging.getLogger("smtpwarden.session")
 # One monotonic clock for latencies and deadlines, with microsecond
 # resolution (uvloop's loop.time() counts whole milliseconds).
 _now = time.monotonic
+
+# While a held message awaits its answer, input the client pipelined after it
+# is kept, unread by the pump, up to this much; past it reading pauses.
+# Pausing costs two system calls per message, so it is kept for clients that
+# will not wait. (An EOF read meanwhile waits for the answer: see
+# ``eof_received``.)
+AWAITING_END_BUFFER_BYTES = 64 * 1024
 
 _NO_TLS = Tls()
 
@@ -173,14 +182,16 @@ class Session(UpstreamLeg):
             # client's first commands over TLS, kept for after the reset.
             self._early.append(data)
             return
-        self.core.receive_data(data)
+        core = self.core
+        core.receive_data(data)
         self._pump_client()
-        if self.core.buffered > HELD_INPUT_BYTES:
-            # A client that will not wait for its replies: stop reading.
-            if self._awaiting_end:
-                self.gate.pause(Hold.REPLAY)
-            else:
+        if core.buffered:
+            # Input the pump could not take: a client that did not wait for
+            # its replies.
+            if not self._awaiting_end:
                 self.gate.overflowing()
+            elif core.buffered > AWAITING_END_BUFFER_BYTES:
+                self.gate.pause(Hold.REPLAY)
         self._flush()
 
     def pause_writing(self) -> None:
@@ -201,8 +212,8 @@ class Session(UpstreamLeg):
     def _pump_client(self) -> None:
         core = self.core
         limit = self.ctx.config.limits.max_pipelined_commands
-        # Input that arrives while the upstream is not ready yet (a read
-        # already under way when reading paused) waits in the core.
+        # Input that arrives while the upstream is not ready yet waits in
+        # the core (CONNECT is a soft hold: see flow.SOFT_HOLDS).
         while (
             not self._has_ended() and not self._awaiting_end and not self.gate.holds(Hold.CONNECT)
         ):
