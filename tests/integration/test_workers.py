@@ -173,8 +173,13 @@ def test_a_killed_worker_is_started_again_on_the_same_port(
     assert len([record for record in records if record["type"] == "transaction"]) == 120
 
 
+@pytest.mark.parametrize("everyone", [False, True], ids=["supervisor", "every-process"])
 def test_sigterm_lets_the_message_in_progress_finish(
-    tmp_path: Path, loop_kind: str, raw_upstream: RawUpstream, started: list[Supervised]
+    tmp_path: Path,
+    loop_kind: str,
+    raw_upstream: RawUpstream,
+    started: list[Supervised],
+    everyone: bool,
 ) -> None:
     config = workers_config(loop_kind, raw_upstream.config, str(tmp_path / "log.jsonl"))
     supervised = Supervised(config, tmp_path)
@@ -185,6 +190,11 @@ def test_sigterm_lets_the_message_in_progress_finish(
         client.open_data()
         client.send(b"Subject: in progress\r\n\r\nfirst half\r\n")
         supervised.signal(signal.SIGTERM)
+        if everyone:
+            # As pkill does: the workers get the signal directly too, and
+            # must not take the supervisor's stop request for a second one.
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
         shutting = re.compile(r"worker (\d) smtpwarden INFO shutting down, 30\.0 s grace")
         told = {supervised.expect(shutting).group(1) for _ in range(WORKERS)}
         assert told == {"0", "1"}

@@ -405,8 +405,18 @@ def run_relay(
             log.error("cannot start: %s", error)
             return 1
         log.info("smtpwarden running on %s", loop_name)
-        loop.add_signal_handler(signal.SIGTERM, relay.request_stop, config.shutdown.grace)
-        loop.add_signal_handler(signal.SIGINT, relay.request_stop, config.shutdown.fast)
+        stop = relay.request_stop
+        if worker:
+            # A worker's stop requests come from its supervisor (net.worker),
+            # and so does "no more grace": a signal of its own (pkill, a
+            # signal to every process) only starts a graceful stop, whichever
+            # of the two reaches it first.
+            def stop(grace: float) -> None:
+                if not relay.stopping:
+                    relay.request_stop(grace)
+
+        loop.add_signal_handler(signal.SIGTERM, stop, config.shutdown.grace)
+        loop.add_signal_handler(signal.SIGINT, stop, config.shutdown.fast)
         if ready is not None:
             ready(relay)
         await relay.stopped.wait()
@@ -421,9 +431,12 @@ def _route_table(config: Config, listener: str, targets: Mapping[str, Target]) -
     """The routes a listener's sessions follow, with their upstreams resolved."""
 
     def resolve(route: RouteConfig) -> Route:
+        # Retry without replays holds messages for nothing: passthrough
+        # relays the upstream's own failure instead of a 4xx of ours.
+        no_replays = route.policy == "retry" and config.retry.attempts == 0
         return Route(
             name=route.name,
-            policy=route.policy,
+            policy="passthrough" if no_replays else route.policy,
             targets=tuple(targets[name] for name in route.upstreams),
         )
 

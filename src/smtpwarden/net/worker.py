@@ -23,8 +23,10 @@ alone. Once its listeners are up it writes one line on ``status_fd``:
 to its standard output, which the supervisor passes on a whole line at a
 time.
 
-Standard input stays open while the supervisor lives: end of file there
-means the supervisor is gone, and the worker shuts down as on SIGTERM.
+Standard input stays open while the supervisor lives. Once the worker is
+ready, the supervisor writes its stop requests there, one line each
+(``stop GRACE``, then ``now``); end of file means the supervisor is gone,
+and the worker shuts down as on SIGTERM.
 
 ``worker_document`` runs in the supervisor, before any worker starts: it
 checks that the document reaches the workers through JSON unchanged.
@@ -211,11 +213,47 @@ def _report_ready(status_fd: int, relay: Relay) -> None:
         os.close(status_fd)
 
 
-class _Orphaned(asyncio.Protocol):
-    """Watches standard input; its end means the supervisor is gone."""
+# What the supervisor writes on a ready worker's standard input, one line
+# each: stop with this grace ("stop 30.0"), or close every session now.
+STOP: Final = "stop"
+STOP_NOW: Final = b"now\n"
+MAX_COMMAND_BYTES: Final = 64
 
-    def __init__(self, gone: asyncio.Future[None]) -> None:
+
+class _SupervisorPipe(asyncio.Protocol):
+    """Standard input: the supervisor's stop lines; its end means the supervisor is gone."""
+
+    def __init__(self, relay: Relay, gone: asyncio.Future[None]) -> None:
+        self._relay = relay
         self._gone = gone
+        self._buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        while b"\n" in self._buf:
+            line, _, self._buf = self._buf.partition(b"\n")
+            self._command(line.decode("ascii", "replace").split())
+        if len(self._buf) > MAX_COMMAND_BYTES:
+            log.warning("unexpected input from the supervisor: ignored")
+            self._buf = b""
+
+    def _command(self, words: list[str]) -> None:
+        relay = self._relay
+        if words == [STOP_NOW.decode().strip()]:
+            if not relay.stopping:
+                relay.request_stop(0.0)
+            relay.request_stop(0.0)  # asked again while stopping: every session now
+        elif len(words) == 2 and words[0] == STOP:
+            try:
+                grace = float(words[1])
+            except ValueError:
+                grace = -1.0
+            if not grace >= 0:
+                log.warning("unexpected stop line from the supervisor: ignored")
+            elif not relay.stopping:  # a stop under way (a signal of its own) keeps its grace
+                relay.request_stop(grace)
+        else:
+            log.warning("unexpected line from the supervisor: ignored")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._gone.done():
@@ -223,11 +261,11 @@ class _Orphaned(asyncio.Protocol):
 
 
 async def _watch_supervisor(input_fd: int, relay: Relay, grace: float) -> None:
-    """Shut the relay down, as SIGTERM does, once standard input ends."""
+    """Follow the supervisor's stop lines; once standard input ends, stop as SIGTERM does."""
     loop = asyncio.get_running_loop()
     gone: asyncio.Future[None] = loop.create_future()
     pipe = os.fdopen(input_fd, "rb", buffering=0, closefd=False)
-    transport, _ = await loop.connect_read_pipe(lambda: _Orphaned(gone), pipe)
+    transport, _ = await loop.connect_read_pipe(lambda: _SupervisorPipe(relay, gone), pipe)
     try:
         await gone
     finally:

@@ -24,11 +24,14 @@ a pipe of its own; its standard output (records, with
 lines of different workers never mix; its standard error is the
 supervisor's.
 
-Signals: SIGTERM and SIGINT are passed on to every worker, which stops as
-a lone relay does; the supervisor waits for them, at most the grace plus
+Signals: SIGTERM and SIGINT are passed on to every worker, as a stop line
+on its standard input (a worker not ready yet gets the signal), and it stops
+as a lone relay does; the supervisor waits for them, at most the grace plus
 ``STOP_MARGIN_S``, then SIGKILLs what is left, and exits 0. A second
-SIGTERM or SIGINT is passed on too (the workers' grace ends). SIGHUP is
-passed on to every ready worker.
+SIGTERM or SIGINT is passed on too (the workers' grace ends). A line rather
+than the signal: ``pkill`` reaches the workers directly as well, and the
+signal passed on would be a second one to them. SIGHUP is passed on to
+every ready worker.
 
 Rule 1: after recovery the supervisor never touches the spool, a client or
 an upstream: it starts, watches, signals and scrapes workers.
@@ -51,7 +54,7 @@ from typing import BinaryIO, Final
 from smtpwarden.config import Config, Document, EventLoop
 from smtpwarden.net.forwarding import LineForwarder
 from smtpwarden.net.reservation import Reservation
-from smtpwarden.net.worker import WORKER_COMMAND, WorkerBrief, worker_document
+from smtpwarden.net.worker import STOP, STOP_NOW, WORKER_COMMAND, WorkerBrief, worker_document
 from smtpwarden.net.workerhttp import SupervisorEndpoint
 from smtpwarden.net.workerslot import MAX_STATUS_BYTES, WorkerSlot, describe_exit, read_status
 from smtpwarden.spool import Spool, SpoolError
@@ -294,25 +297,38 @@ class Supervisor:
             self._begin_stop(signum, grace)
             return
         log.info("%s again: the workers close every session now", name)
-        self._signal_all(signum)
+        self._stop_all(signum, STOP_NOW)
         self._kill_after(STOP_MARGIN_S)
 
     def _begin_stop(self, signum: int, grace: float) -> None:
         self._stop_signal = signal.Signals(signum)
         self._stopped.set()
-        self._signal_all(signum)
+        self._stop_all(signum, f"{STOP} {grace}\n".encode())
         self._kill_after(grace + STOP_MARGIN_S)
+
+    def _stop_all(self, signum: int, line: bytes) -> None:
+        """Tell every worker to stop: ready ones on their standard input.
+
+        A line, not the signal: ``kill`` or ``pkill`` aimed at every process
+        also reaches the workers directly, and a stop signal passed on as
+        well would be a second one to them, which ends their grace. A stop
+        line to a worker already stopping changes nothing. A worker not ready
+        yet has no sessions: it gets the signal.
+        """
+        for slot in self.slots:
+            process = slot.process
+            if process is None:
+                continue
+            if slot.ready and process.stdin is not None and not process.stdin.is_closing():
+                process.stdin.write(line)
+            else:
+                _send(process, signum)
 
     def _on_hangup(self) -> None:
         ready = [slot.process for slot in self.slots if slot.ready and slot.process is not None]
         log.info("SIGHUP: passed on to %d ready workers", len(ready))
         for process in ready:
             _send(process, signal.SIGHUP)
-
-    def _signal_all(self, signum: int) -> None:
-        for slot in self.slots:
-            if slot.process is not None:
-                _send(slot.process, signum)
 
     def _kill_after(self, seconds: float) -> None:
         """SIGKILL the workers left ``seconds`` from now, unless an earlier deadline holds."""
