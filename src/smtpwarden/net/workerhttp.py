@@ -11,9 +11,9 @@ address it got (``net.worker``). The supervisor answers:
   ``smtpwarden_worker_restarts_total`` and ``smtpwarden_worker_up`` (0 for
   a worker whose metrics are missing from this scrape);
 - ``/healthz``: 200 while at least one worker is ready, else 503;
-- ``/readyz``: 200 when every worker is ready and its own ``/readyz``
-  answers 200, else 503 with how many are and the first reason; 503 while
-  shutting down.
+- ``/readyz``: 200 while at least one worker is ready and its own
+  ``/readyz`` answers 200 (the body says how many), else 503 with the
+  first reason; 503 while shutting down.
 
 Rule 1: a worker that does not answer, or answers nonsense, costs its part
 of the answer, never the whole; nothing here waits longer than
@@ -184,9 +184,11 @@ class SupervisorEndpoint:
         answers = await asyncio.gather(*(self._ask(worker, "/readyz") for worker in self._workers))
         reasons = [reason for _, reason in answers if reason is not None]
         ready = total - len(reasons)
-        if not reasons:
+        # Ready while any worker serves: a worker being restarted must not
+        # take the whole instance out of a load balancer's rotation.
+        if ready:
             return Response(200, f"ok: {ready} of {total} workers ready\n".encode())
-        text = f"not ready: {ready} of {total} workers ready; {reasons[0]}\n"
+        text = f"not ready: 0 of {total} workers ready; {reasons[0]}\n"
         return Response(503, text.encode())
 
     async def _ask(self, worker: WorkerView, path: str) -> tuple[bytes | None, str | None]:
