@@ -221,6 +221,7 @@ async def requeue(
     hostname = ctx.config.hostname
     if ctx.spool is None:
         raise ValueError("policy requeue without a spool")
+    backoff = backoff_of(ctx.config)
     envelope = SpoolEnvelope(
         mail_from=wanted.mail.line,
         recipients=(*spent.remaining, *(rcpt.line for rcpt in wanted.taken_over)),
@@ -234,8 +235,9 @@ async def requeue(
         duplicate_risk=spent.duplicate_risk or wanted.first_failure is None,
         # The upstreams just failed it: the first delivery from the spool
         # waits as a failed delivery from the spool does (Postfix defers a
-        # message the same way), not at once.
-        delay_s=delay(1, _JITTER, backoff_of(ctx.config)),
+        # message the same way), not at once; but well within max_age, so
+        # that it is tried at least once before it expires.
+        delay_s=min(delay(1, _JITTER, backoff), backoff.max_age_s / 2),
     )
     try:
         queue_id = await ctx.spool.put(envelope, held.chunks())
