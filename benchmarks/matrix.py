@@ -22,8 +22,9 @@ message). Per cell, each path's process is started once and warmed up with
 a short run, whose rate sets the message count of that path's repetitions
 so that each lasts about --seconds. Then, for each repetition, every path
 runs once, in an order that rotates from one repetition to the next. After
-each run the script waits until the relay has gone quiet (the spool's
-delivery workers go on after the client is done under requeue), then reads
+each run the script waits until the relay has gone quiet (whatever it still
+does once the client is done; requeue's spool deliveries are kept out of the
+run by a first backoff of a day), then reads
 the relay's CPU time (user + system of its process tree, /proc) and
 smtp-source's own (wait4). Per repetition: messages per second, relay CPU
 microseconds per message and the normalised cost, relay CPU seconds /

@@ -104,7 +104,7 @@ def one_repetition(
         relay = cpu_seconds(pid) - before
         rep["relay_cpu_s"] = relay
         rep["cpu_us_per_msg"] = relay / count * 1e6
-        # Without what the relay did after smtp-source exited (spool deliveries).
+        # Without what the relay did after smtp-source exited.
         rep["cpu_us_per_msg_during_run"] = (during - before) / count * 1e6
         rep["norm_cost"] = relay / run.cpu_s if run.cpu_s > 0 else None
     if peer is not None and "metrics" in peer.extra:

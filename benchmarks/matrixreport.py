@@ -284,7 +284,7 @@ def markdown(results: Results) -> str:
         " /proc before and after each repetition, after it went quiet) per message. Normalised"
         " cost: relay CPU seconds / smtp-source CPU seconds in the same repetition. Of which"
         " during the run: the relay's CPU until smtp-source exited, without what it did"
-        " after (under requeue, the spool's delivery workers)."
+        " after (requeue's spool deliveries wait a day: they are not counted)."
     )
     lines.append("")
     headers = (

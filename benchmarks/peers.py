@@ -331,6 +331,9 @@ def start_smtpwarden(
     if policy == "requeue":
         # Every message is refused by its sink: spool it at once, no replays.
         config["retry"] = {"attempts": 0}
+        # And keep the spool's deliveries (to the same refusing sink) out of
+        # the run: the first waits the first backoff, here a day.
+        config["spool"] = {**config["spool"], "backoff": {"initial": 86400, "maximum": 86400}}
     if workers is not None:
         config["workers"] = workers
     path = home / "smtpwarden.yaml"
