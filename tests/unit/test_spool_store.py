@@ -331,6 +331,10 @@ def test_due_reads_an_envelope_again_only_when_its_file_changed(spool: Spool, cl
     assert spool.due(later) == [first]
     spool.hold(first)
     assert spool.due(later) == []
+    assert [seen.state for seen in spool.look().values()] == [
+        EntryState.HELD,
+        EntryState.DEFERRED,
+    ]
     spool.release(first)
     assert spool.due(later) == [first]
     spool.delete(first)

@@ -159,7 +159,7 @@ def _spool_counts(spool: Spool, now: float) -> tuple[dict[str, int], float] | No
     counts: dict[str, int] = {}
     oldest = now
     try:
-        for entry in spool.entries():
+        for entry in spool.look().values():
             counts[entry.state.value] = counts.get(entry.state.value, 0) + 1
             if entry.state is not EntryState.DEAD:
                 oldest = min(oldest, entry.created)

@@ -52,12 +52,12 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import functools
-import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -82,6 +82,19 @@ RECOVER_WAIT_S = 5.0
 # fsyncs and then on the group commit; more threads, bigger batches. Our
 # choice; the benchmark (benchmarks/spool_commit.py) shows the effect.
 PUT_THREADS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What ``Spool.look`` knows of one entry, and of which version of its envelope."""
+
+    version: tuple[int, int, int]  # the envelope file's inode, size and modification time
+    state: EntryState
+    next_attempt: float
+    created: float
+
+
+_DELIVERABLE = (EntryState.QUEUED, EntryState.DEFERRED)
 
 
 class Spool:
@@ -109,9 +122,8 @@ class Spool:
         self._puts = 0  # puts under way: ``close`` waits for them, ``recover`` refuses
         self._closed = False
         self.writer = Writer(self.layout, clock, group_commit=group_commit)
-        # ``due``'s memory: per entry, its envelope file's version and when
-        # it is due (infinity when it is not deliverable).
-        self._due_at: dict[str, tuple[tuple[int, int, int], float]] = {}
+        self._seen: dict[str, Seen] = {}  # ``look``'s memory
+        self._look_lock = threading.Lock()
         try:
             self.layout.create()
             self._lock_fd = os.open(
@@ -224,33 +236,42 @@ class Spool:
     def due(self, now: float) -> list[str]:
         """Queued and deferred entries whose next attempt is at or before ``now``, oldest first.
 
-        The delivery workers ask every second, and a spool may hold tens of
-        thousands of deferred entries: an envelope is read again only when
-        its file changed (another inode, size or modification time), else
-        what it said last time is reused. Raises SpoolError if the queue
-        folder cannot be read.
+        Raises SpoolError if the queue folder cannot be read.
         """
-        seen: dict[str, tuple[tuple[int, int, int], float]] = {}
-        due = []
-        for queue_id in self._queue_ids():
-            try:
-                stat = os.stat(self.layout.envelope(queue_id))
-            except OSError:
-                continue  # removed meanwhile; a folder error shows in the listing
-            version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-            known = self._due_at.get(queue_id)
-            if known is None or known[0] != version:
+        return [
+            queue_id
+            for queue_id, seen in self.look().items()
+            if seen.state in _DELIVERABLE and seen.next_attempt <= now
+        ]
+
+    def look(self) -> dict[str, Seen]:
+        """What each entry's envelope says of its state and times, oldest entry first.
+
+        The delivery workers ask every second and the metrics at each
+        scrape, and a spool may hold tens of thousands of entries: an
+        envelope is read again only when its file changed (another inode,
+        size or modification time); otherwise what it said last time is
+        reused. Raises SpoolError if the queue folder cannot be read.
+        """
+        with self._look_lock:
+            known = self._seen
+            seen: dict[str, Seen] = {}
+            for queue_id in self._queue_ids():
                 try:
-                    entry = self.get(queue_id)
-                except (NoSuchEntry, CorruptEntry):
-                    continue
-                deliverable = entry.state in (EntryState.QUEUED, EntryState.DEFERRED)
-                known = (version, entry.next_attempt if deliverable else math.inf)
-            seen[queue_id] = known
-            if known[1] <= now:
-                due.append(queue_id)
-        self._due_at = seen  # entries gone since the last look are forgotten
-        return due
+                    stat = os.stat(self.layout.envelope(queue_id))
+                except OSError:
+                    continue  # removed meanwhile; a folder error shows in the listing
+                version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+                entry = known.get(queue_id)
+                if entry is None or entry.version != version:
+                    try:
+                        stored = self.get(queue_id)
+                    except (NoSuchEntry, CorruptEntry):
+                        continue
+                    entry = Seen(version, stored.state, stored.next_attempt, stored.created)
+                seen[queue_id] = entry
+            self._seen = seen  # entries gone since the last look are forgotten
+            return seen
 
     def _queue_ids(self) -> list[str]:
         try:
