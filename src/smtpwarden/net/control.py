@@ -196,3 +196,27 @@ async def _send(writer: asyncio.StreamWriter, response: Response, *, head_only: 
         await writer.drain()
     with contextlib.suppress(OSError):
         writer.write_eof()
+
+
+async def open_endpoint(
+    host: str, port: int, routes: Mapping[str, Handler], *, serving: str, without: str
+) -> ControlServer | None:
+    """Serve ``routes`` on host:port; None if the address cannot be bound.
+
+    That failure is logged, never raised: metrics and probes must not keep
+    mail from being relayed. ``serving`` names what is served in the log
+    line with the address ("metrics on http://..."), ``without`` what runs
+    without the endpoint.
+    """
+    server = ControlServer(routes)
+    try:
+        await server.start(host, port)
+    except OSError as error:
+        log.error(
+            "HTTP endpoint on %s:%s not started: %s; %s runs without it", host, port, error, without
+        )
+        return None
+    bound, bound_port = server.address()
+    shown = f"[{bound}]" if ":" in bound else bound
+    log.info("%s on http://%s:%s/metrics", serving, shown, bound_port)
+    return server

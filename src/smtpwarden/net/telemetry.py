@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from smtpwarden.config import Config
-from smtpwarden.net.control import ControlServer, Response
+from smtpwarden.net.control import ControlServer, Response, open_endpoint
 from smtpwarden.net.upstream import Health
 from smtpwarden.observe.metrics import CONTENT_TYPE, QUEUE_STATES, LabelValues, RelayMetrics
 from smtpwarden.observe.txlog import RecordLog
@@ -85,22 +85,10 @@ class Telemetry:
         Metrics must not keep the relay from relaying mail.
         """
         http = self._config.http
-        server = ControlServer(
-            {"/metrics": self._scrape, "/healthz": self._alive, "/readyz": self._ready}
+        routes = {"/metrics": self._scrape, "/healthz": self._alive, "/readyz": self._ready}
+        self.server = await open_endpoint(
+            http.host, http.port, routes, serving="metrics", without="the relay"
         )
-        try:
-            await server.start(http.host, http.port)
-        except OSError as error:
-            log.error(
-                "HTTP endpoint on %s:%s not started: %s; the relay runs without it",
-                http.host,
-                http.port,
-                error,
-            )
-            return
-        self.server = server
-        host, port = server.address()
-        log.info("metrics on http://%s:%s/metrics", f"[{host}]" if ":" in host else host, port)
 
     async def stop(self) -> None:
         if self._scan is not None:

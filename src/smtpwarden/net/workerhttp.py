@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from smtpwarden.config import HttpConfig
-from smtpwarden.net.control import ControlServer, Response
+from smtpwarden.net.control import ControlServer, Response, open_endpoint
 from smtpwarden.net.metricsmerge import merge
 from smtpwarden.observe.metrics import CONTENT_TYPE, Counter, Gauge, LabelValues, Registry
 
@@ -145,23 +145,14 @@ class SupervisorEndpoint:
         As for a lone relay: metrics never keep mail from being relayed.
         """
         http = self._http
-        server = ControlServer(
-            {"/metrics": self._scrape, "/healthz": self._alive, "/readyz": self._ready}
+        routes = {"/metrics": self._scrape, "/healthz": self._alive, "/readyz": self._ready}
+        self.server = await open_endpoint(
+            http.host,
+            http.port,
+            routes,
+            serving="HTTP endpoint for every worker",
+            without="each worker",
         )
-        try:
-            await server.start(http.host, http.port)
-        except OSError as error:
-            log.error(
-                "HTTP endpoint on %s:%s not started: %s; the workers run without it",
-                http.host,
-                http.port,
-                error,
-            )
-            return
-        self.server = server
-        host, port = server.address()
-        shown = f"[{host}]" if ":" in host else host
-        log.info("HTTP endpoint for every worker on http://%s:%s/metrics", shown, port)
 
     async def close(self) -> None:
         if self.server is not None:
