@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, TypeVar
 
 from peers import HOST, TAIL_CHARS, on_cpus
+from smoke import make_message
 
 T = TypeVar("T")
 
@@ -115,23 +116,6 @@ def run_source(
 
 
 # -- latency -------------------------------------------------------------------------
-
-
-def make_message(size: int) -> bytes:
-    """A message of ``size`` octets (at least its headers), then ".<CRLF>"."""
-    head = (
-        b"From: latency@client.bench.example\r\n"
-        b"To: sink@bench.example\r\n"
-        b"Subject: smtpwarden matrix latency\r\n"
-        b"\r\n"
-    )
-    line = b"The quick brown fox jumps over the lazy dog. 0123456789 abcdefghij\r\n"
-    body = bytearray(head)
-    while len(body) + len(line) <= size:
-        body += line
-    if size - len(body) >= len(b"x\r\n"):
-        body += b"x" * (size - len(body) - 2) + b"\r\n"
-    return bytes(body) + b".\r\n"
 
 
 class ReplyError(Exception):
