@@ -125,14 +125,7 @@ class Relay:
             self.spool = Spool(config.spool.path)
             if self.recover_spool:
                 report = self.spool.recover()
-                log.info(
-                    "spool %s: %d to resume, %d held, %d dead, %d quarantined",
-                    config.spool.path,
-                    len(report.resume),
-                    report.held,
-                    report.dead,
-                    len(report.quarantined),
-                )
+                log.info("spool %s: %s", config.spool.path, report.summary())
         # Before the listeners: their log lines say the relay is up.
         await self._start_watching(targets)
         # 32 random bits: worker processes draw their own, and must not meet.

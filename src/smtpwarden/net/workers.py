@@ -148,14 +148,7 @@ class Supervisor:
         path = self.config.spool.path
         with Spool(path) as spool:
             report = spool.recover()
-        log.info(
-            "spool %s: %d to resume, %d held, %d dead, %d quarantined",
-            path,
-            len(report.resume),
-            report.held,
-            report.dead,
-            len(report.quarantined),
-        )
+        log.info("spool %s: %s", path, report.summary())
 
     async def _keep(self, slot: WorkerSlot) -> None:
         """Run a worker in ``slot``, and again after each crash, until stopping."""

@@ -52,6 +52,13 @@ class RecoveryReport:
     held: int
     dead: int
 
+    def summary(self) -> str:
+        """One line for the log: what recovery found."""
+        return (
+            f"{len(self.resume)} to resume, {self.held} held, {self.dead} dead,"
+            f" {len(self.quarantined)} quarantined"
+        )
+
 
 def _split(name: str) -> tuple[str, str] | None:
     """``("ID", ".msg")`` for a spool file name; None for anything else."""
