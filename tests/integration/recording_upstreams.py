@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -304,45 +305,47 @@ class _RecordingSMTP(SMTP):
         self.owner.record(lambda: setattr(self.owner, "closed", self.owner.closed + 1))
 
 
-class AiosmtpdUpstream:
-    """aiosmtpd on its own asyncio loop in a thread, recording deliveries."""
+class ThreadedServer:
+    """A server on an asyncio loop of its own, in a thread, for tests that block.
+
+    A subclass gives ``factory`` (its protocol, such as aiosmtpd's SMTP) and
+    calls ``_start`` at the end of its ``__init__``. ``changed`` is notified
+    by whoever changes what the test waits for (see ``wait_for``). An error
+    in the server's thread is raised in the test's, at start or at close.
+    """
+
+    name = "server"
 
     def __init__(self) -> None:
-        self.deliveries: list[Delivery] = []
-        self.opened = 0
-        self.closed = 0
-        self._changed = threading.Condition()
+        self.changed = threading.Condition()
+        self.port = 0
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
-        self.port = 0
-        self._thread = threading.Thread(target=self._run, name="aiosmtpd-upstream", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(WAIT_S):
-            raise AssertionError("aiosmtpd upstream did not start")
-        if self._error is not None:
-            raise self._error
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
     @property
     def config(self) -> dict[str, object]:
         return {"kind": "smtp", "host": "127.0.0.1", "port": self.port}
 
-    def record(self, change: Callable[[], object]) -> None:
-        with self._changed:
-            change()
-            self._changed.notify_all()
+    def factory(self) -> asyncio.BaseProtocol:
+        raise NotImplementedError
+
+    def _start(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._ssl = ssl_context
+        self._thread.start()
+        if not self._ready.wait(WAIT_S):
+            raise AssertionError(f"{self.name} did not start")
+        if self._error is not None:
+            raise self._error
 
     def _run(self) -> None:
         async def serve() -> None:
             loop = asyncio.get_running_loop()
             self._loop = loop
             self._stop = asyncio.Event()
-            server = await loop.create_server(
-                lambda: _RecordingSMTP(self, hostname="aiosmtpd.test", enable_SMTPUTF8=True),
-                "127.0.0.1",
-                0,
-            )
+            server = await loop.create_server(self.factory, "127.0.0.1", 0, ssl=self._ssl)
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop.wait()
@@ -357,12 +360,12 @@ class AiosmtpdUpstream:
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
         deadline = time.monotonic() + timeout
-        with self._changed:
+        with self.changed:
             while not predicate():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"aiosmtpd condition not met within {timeout} s")
-                self._changed.wait(left)
+                    raise AssertionError(f"{self.name}: condition not met within {timeout} s")
+                self.changed.wait(left)
 
     def close(self) -> None:
         loop, stop = self._loop, self._stop
@@ -370,6 +373,27 @@ class AiosmtpdUpstream:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(stop.set)
         self._thread.join(WAIT_S)
-        assert not self._thread.is_alive(), "aiosmtpd upstream did not stop"
+        assert not self._thread.is_alive(), f"{self.name} did not stop"
         if self._error is not None:
             raise self._error
+
+
+class AiosmtpdUpstream(ThreadedServer):
+    """aiosmtpd on its own asyncio loop in a thread, recording deliveries."""
+
+    name = "aiosmtpd upstream"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deliveries: list[Delivery] = []
+        self.opened = 0
+        self.closed = 0
+        self._start()
+
+    def factory(self) -> asyncio.BaseProtocol:
+        return _RecordingSMTP(self, hostname="aiosmtpd.test", enable_SMTPUTF8=True)
+
+    def record(self, change: Callable[[], object]) -> None:
+        with self.changed:
+            change()
+            self.changed.notify_all()

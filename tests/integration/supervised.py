@@ -14,7 +14,6 @@ accepted, so that a test can count deliveries exactly.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import queue
@@ -29,6 +28,8 @@ from typing import IO
 
 import yaml
 from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from integration.recording_upstreams import ThreadedServer
 
 START_TIMEOUT_S = 30.0
 WAIT_S = 20.0
@@ -176,41 +177,21 @@ class _Flaky:
         return "250 2.0.0 Ok: accepted"
 
 
-class FlakyUpstream:
+class FlakyUpstream(ThreadedServer):
     """aiosmtpd on its own loop in a thread: defers every message, then accepts."""
 
+    name = "flaky upstream"
+
     def __init__(self) -> None:
+        super().__init__()
         self.accepting = False
         self.refused = 0
         self.accepted: list[bytes] = []
-        self.changed = threading.Condition()
-        self.port = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="flaky-upstream", daemon=True)
-        self._thread.start()
-        assert self._ready.wait(WAIT_S), "flaky upstream did not start"
+        self._handler = _Flaky(self)
+        self._start()
 
-    @property
-    def config(self) -> dict[str, object]:
-        return {"kind": "smtp", "host": "127.0.0.1", "port": self.port}
-
-    def _run(self) -> None:
-        async def serve() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            handler = _Flaky(self)
-            server = await self._loop.create_server(
-                lambda: SMTP(handler, hostname="flaky.test"), "127.0.0.1", 0
-            )
-            self.port = server.sockets[0].getsockname()[1]
-            self._ready.set()
-            await self._stop.wait()
-            server.close()
-            await server.wait_closed()
-
-        asyncio.run(serve())
+    def factory(self) -> SMTP:
+        return SMTP(self._handler, hostname="flaky.test")
 
     def accept(self) -> None:
         with self.changed:
@@ -224,10 +205,3 @@ class FlakyUpstream:
                 if left <= 0:
                     raise AssertionError(f"{len(self.accepted)} of {count} messages accepted")
                 self.changed.wait(left)
-
-    def close(self) -> None:
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stop.set)
-        self._thread.join(WAIT_S)

@@ -15,13 +15,12 @@ readiness is the bound listening socket, never a sleep.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import trustme
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from integration.recording_upstreams import DEFAULT_EHLO
+from integration.recording_upstreams import DEFAULT_EHLO, ThreadedServer
 
 WAIT_S = 10.0
 CONNECTION_TIMEOUT_S = 30.0
@@ -306,67 +305,20 @@ class _Handler:
         return "250 2.0.0 Ok: received"
 
 
-class AiosmtpdTlsUpstream:
+class AiosmtpdTlsUpstream(ThreadedServer):
     """aiosmtpd in a thread: STARTTLS required before MAIL, or implicit TLS."""
 
+    name = "aiosmtpd TLS upstream"
+
     def __init__(self, context: ssl.SSLContext, *, implicit: bool = False) -> None:
+        super().__init__()
         self.received: list[Received] = []
-        self.changed = threading.Condition()
-        self.port = 0
         self._context = context
         self._implicit = implicit
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="aiosmtpd-tls", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(WAIT_S):
-            raise AssertionError("aiosmtpd TLS upstream did not start")
-        if self._error is not None:
-            raise self._error
+        self._start(context if implicit else None)
 
-    def _factory(self) -> SMTP:
+    def factory(self) -> SMTP:
         options: dict[str, Any] = {"hostname": "aiosmtpd-tls.test"}
         if not self._implicit:
             options.update(tls_context=self._context, require_starttls=True)
         return SMTP(_Handler(self), **options)
-
-    def _run(self) -> None:
-        async def serve() -> None:
-            loop = asyncio.get_running_loop()
-            self._loop = loop
-            self._stop = asyncio.Event()
-            server = await loop.create_server(
-                self._factory, "127.0.0.1", 0, ssl=self._context if self._implicit else None
-            )
-            self.port = server.sockets[0].getsockname()[1]
-            self._ready.set()
-            await self._stop.wait()
-            server.close()
-            await server.wait_closed()
-
-        try:
-            asyncio.run(serve())
-        except BaseException as error:  # reported to the test thread
-            self._error = error
-            self._ready.set()
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"aiosmtpd condition not met within {timeout} s")
-                self.changed.wait(left)
-
-    def close(self) -> None:
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stop.set)
-        self._thread.join(WAIT_S)
-        assert not self._thread.is_alive(), "aiosmtpd TLS upstream did not stop"
-        if self._error is not None:
-            raise self._error
