@@ -67,6 +67,16 @@ def started(tmp_path: Path) -> Iterator[list[Supervised]]:
         supervised.close()
 
 
+def start_logging(
+    tmp_path: Path, loop_kind: str, upstream: RawUpstream, started: list[Supervised]
+) -> Supervised:
+    """A supervisor of WORKERS workers in front of ``upstream``, logging to log.jsonl."""
+    config = workers_config(loop_kind, upstream.config, str(tmp_path / "log.jsonl"))
+    supervised = Supervised(config, tmp_path)
+    started.append(supervised)
+    return supervised
+
+
 def send(address: tuple[str, int], number: int) -> None:
     """One short session: one message, then QUIT."""
     message = f"Subject: message {number}\r\n\r\nbody of message {number}\r\n"
@@ -141,9 +151,7 @@ def test_two_workers_share_one_port_and_one_endpoint(
 def test_a_killed_worker_is_started_again_on_the_same_port(
     tmp_path: Path, loop_kind: str, raw_upstream: RawUpstream, started: list[Supervised]
 ) -> None:
-    config = workers_config(loop_kind, raw_upstream.config, str(tmp_path / "log.jsonl"))
-    supervised = Supervised(config, tmp_path)
-    started.append(supervised)
+    supervised = start_logging(tmp_path, loop_kind, raw_upstream, started)
     address, http = supervised.wait_ready(WORKERS)
     first = supervised.worker_pids()
     os.kill(first[0], signal.SIGKILL)
@@ -181,9 +189,7 @@ def test_sigterm_lets_the_message_in_progress_finish(
     started: list[Supervised],
     everyone: bool,
 ) -> None:
-    config = workers_config(loop_kind, raw_upstream.config, str(tmp_path / "log.jsonl"))
-    supervised = Supervised(config, tmp_path)
-    started.append(supervised)
+    supervised = start_logging(tmp_path, loop_kind, raw_upstream, started)
     address, _ = supervised.wait_ready(WORKERS)
     pids = set(supervised.worker_pids().values())
     with WireClient(address, timeout=GRACE_S) as client:
@@ -213,9 +219,7 @@ def test_sigterm_lets_the_message_in_progress_finish(
 def test_a_second_sigterm_ends_the_grace_in_every_worker(
     tmp_path: Path, loop_kind: str, raw_upstream: RawUpstream, started: list[Supervised]
 ) -> None:
-    config = workers_config(loop_kind, raw_upstream.config, str(tmp_path / "log.jsonl"))
-    supervised = Supervised(config, tmp_path)
-    started.append(supervised)
+    supervised = start_logging(tmp_path, loop_kind, raw_upstream, started)
     address, _ = supervised.wait_ready(WORKERS)
     with WireClient(address, timeout=GRACE_S) as client:
         client.start_transaction()
@@ -287,9 +291,7 @@ def test_requeued_messages_are_delivered_once_by_competing_workers(
 def test_workers_stop_when_their_supervisor_is_killed(
     tmp_path: Path, loop_kind: str, raw_upstream: RawUpstream, started: list[Supervised]
 ) -> None:
-    config = workers_config(loop_kind, raw_upstream.config, str(tmp_path / "log.jsonl"))
-    supervised = Supervised(config, tmp_path)
-    started.append(supervised)
+    supervised = start_logging(tmp_path, loop_kind, raw_upstream, started)
     address, _ = supervised.wait_ready(WORKERS)
     send(address, 0)
     pids = set(supervised.worker_pids().values())
