@@ -145,6 +145,12 @@ class LimitsConfig:
     # Largest message, from MAIL's SIZE and while it streams: 552 5.3.4.
     # 10240000 is Postfix's message_size_limit. 0: no limit.
     max_message_bytes: int = 10240000
+    # Octets per second a client must keep up while a command line or a
+    # message is only partly received; each octet buys 1/rate s against
+    # the command or data_block timeout, so a client dripping a byte at a
+    # time runs out of time. 500 is Postfix's smtpd_min_data_rate. 0: any
+    # octet restarts the timeout.
+    min_data_rate: int = 500
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,6 +244,7 @@ _LIMIT_RULES: Final[Mapping[str, Rule[int]]] = {
     "max_connections_per_client": Integer(0),
     "connection_rate_per_minute": Integer(0),
     "max_message_bytes": Integer(0),
+    "min_data_rate": Integer(0),
 }
 _TIMEOUT_RULES: Final[Mapping[str, Rule[float]]] = {
     field.name: Seconds(allow_zero=False) for field in dataclasses.fields(TimeoutsConfig)

@@ -86,6 +86,12 @@ class SessionEnd(CapturingSession):
     def check_deadline(self, now: float) -> None:
         """Close the session if the phase it is in has run out of time.
 
+        The client's time runs from its last answer, or from the first
+        octet of a command or message it has not finished; each octet
+        after that first one buys only 1/limits.min_data_rate s, so a
+        client that drips a byte at a time is closed after about one
+        command or data_block timeout however many it sends.
+
         A side whose write buffer stays full is the side that is late: an
         upstream that stops reading the message is timed as an upstream,
         not blamed on the client whose reading was paused for it.
@@ -288,6 +294,10 @@ class SessionEnd(CapturingSession):
                 self.client.write(data)
                 if self._capture is not None:
                     self._captured_to_client(data)
+                if not self.tracker.awaiting:
+                    # Every command is answered: the client's turn, and its
+                    # timeout, start now (see ``check_deadline``).
+                    self._last_client = _now()
 
     def _write_records(self) -> None:
         records = self.ctx.records

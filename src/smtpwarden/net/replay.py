@@ -17,6 +17,7 @@ success would answer 2xx for recipients that never got the message.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -349,3 +350,18 @@ class Guard:
             self.task.cancel()
             self.task = None
         self.release()
+
+
+@functools.lru_cache(maxsize=8)
+def reply_checks(
+    retry: RetryConfig,
+) -> tuple[Callable[[Reply], bool], Callable[[Reply], bool]]:
+    """Whether a reply calls for a replay, and whether a 2xx contradicts itself.
+
+    Shared by every session of a configuration, not built for each one.
+    """
+    phrases = phrases_of(retry)
+    return (
+        functools.partial(transient, phrases=phrases),
+        functools.partial(contradicts, phrases=phrases),
+    )

@@ -30,6 +30,12 @@ class LocalReplies:
     auth_already: Reply
     tls_after_auth: Reply
     ehlo_first: Reply
+    need_mail: Reply
+    need_rcpt: Reply
+    no_valid_recipients: Reply
+    data_after_bdat: Reply
+    non_ascii_address: Reply
+    non_ascii_command: Reply
     auth_mechanism: Reply
     auth_in_transaction: Reply
     shutting_down: Reply
@@ -82,6 +88,21 @@ class LocalReplies:
             auth_already=make_reply(503, "5.5.1", "Already authenticated"),
             tls_after_auth=make_reply(503, "5.5.1", "STARTTLS not allowed after AUTH"),
             ehlo_first=make_reply(503, "5.5.1", "Send EHLO first"),
+            # RFC 5321 3.3 and 4.1.4: RCPT needs a MAIL, DATA a RCPT (503,
+            # or 554 once every RCPT was refused); RFC 3030 2: "If a DATA
+            # statement is issued after a BDAT for the current transaction,
+            # a 503 "Bad sequence of commands" MUST be issued."
+            need_mail=make_reply(503, "5.5.1", "Error: need MAIL command"),
+            need_rcpt=make_reply(503, "5.5.1", "Error: need RCPT command"),
+            no_valid_recipients=make_reply(554, "5.5.1", "Error: no valid recipients"),
+            data_after_bdat=make_reply(503, "5.5.1", "DATA not allowed after BDAT"),
+            # RFC 6531 3.4 and 3.7.4.1: a UTF-8 mailbox needs the SMTPUTF8
+            # parameter on MAIL; X.6.7: non-ASCII addresses not permitted.
+            non_ascii_address=make_reply(
+                553, "5.6.7", "Non-ASCII addresses need MAIL with SMTPUTF8"
+            ),
+            # RFC 5321 2.4: commands are US-ASCII unless SMTPUTF8 is offered.
+            non_ascii_command=make_reply(500, "5.5.2", "Non-ASCII characters not allowed"),
             # X.3.2: system not accepting network messages.
             shutting_down=make_reply(421, "4.3.2", f"{hostname} Service shutting down"),
             # X.4.1: no answer from host.

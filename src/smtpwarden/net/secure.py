@@ -66,6 +66,7 @@ class SecureSession(GuardedSession):
     _early: list[bytes]  # what the client sent over TLS before the handshake's end was seen
     _forgotten: bool  # the relay no longer counts this session
     _chunking: bool  # the upstream offered CHUNKING (to the client's last EHLO)
+    _utf8: bool  # and SMTPUTF8
     _xforward: bool  # XFORWARD goes before each MAIL
     _esmtp: bool  # the client greeted with EHLO
     _needs_ehlo: bool  # TLS started and no EHLO or HELO came since
@@ -255,6 +256,7 @@ class SecureSession(GuardedSession):
         self.tracker.helo = None
         self._needs_ehlo = True
         self._chunking = False
+        self._utf8 = False
         self._xforward = False
         self._esmtp = False
         self._upstream_auth = frozenset()

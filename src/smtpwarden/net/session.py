@@ -25,16 +25,14 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import Callable
 from typing import cast
 
-from smtpwarden.configdelivery import RetryConfig
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.flow import WRITE_HIGH_WATER_BYTES, Hold, ReadGate
-from smtpwarden.net.replay import Guard, contradicts, phrases_of, transient
+from smtpwarden.net.guarded import asks_utf8
+from smtpwarden.net.replay import Guard, reply_checks
 from smtpwarden.net.routing import Route
 from smtpwarden.net.upstreamleg import UpstreamLeg
 from smtpwarden.protocol.errors import LocalProtocolError, MalformedReply, RemoteProtocolError
@@ -72,21 +70,6 @@ AWAITING_END_BUFFER_BYTES = 64 * 1024
 _NO_TLS = Tls()
 
 
-@functools.lru_cache(maxsize=8)
-def _reply_checks(
-    retry: RetryConfig,
-) -> tuple[Callable[[Reply], bool], Callable[[Reply], bool]]:
-    """Whether a reply calls for a replay, and whether a 2xx contradicts itself.
-
-    Shared by every session of a configuration, not built for each one.
-    """
-    phrases = phrases_of(retry)
-    return (
-        functools.partial(transient, phrases=phrases),
-        functools.partial(contradicts, phrases=phrases),
-    )
-
-
 class Session(UpstreamLeg):
     """One client connection relayed to one upstream connection."""
 
@@ -104,6 +87,8 @@ class Session(UpstreamLeg):
         self._closed = False
         self._to_client: list[bytes] = []
         self._chunking = False  # the upstream offered CHUNKING
+        self._utf8 = False  # and SMTPUTF8
+        self._utf8_mail = False
         self._in_body = False  # a message is on its way upstream, not yet ended
         self._body_kind = ""  # "data" or "bdat" for the message being sent
         self._chunk_last = False  # the current BDAT chunk is the LAST one
@@ -148,7 +133,7 @@ class Session(UpstreamLeg):
             upstream=self._upstream_record,
             tls=_NO_TLS,
         )
-        replays, contradicted = _reply_checks(ctx.config.retry)
+        replays, contradicted = reply_checks(ctx.config.retry)
         self.tracker = SessionTracker(
             info=info,
             now=_now(),
@@ -171,7 +156,14 @@ class Session(UpstreamLeg):
 
     def data_received(self, data: bytes) -> None:
         self._client_bytes += len(data)
-        self._last_client = _now()
+        now = _now()
+        rate = self.ctx.config.limits.min_data_rate
+        if rate and (self._in_body or self.core.buffered):
+            # The rest of a line or of a message: each octet buys 1/rate s
+            # against the timeout, so a client dripping bytes runs out.
+            self._last_client = min(now, self._last_client + len(data) / rate)
+        else:
+            self._last_client = now
         if self._lingering or self._closed:
             return
         if self._proxy is not None:
@@ -258,6 +250,12 @@ class Session(UpstreamLeg):
         replies = self.ctx.replies
         line = command.line
         takes_over = False
+        refusal = self._command_refusal(command)
+        if refusal is not None:
+            if verb is Verb.DATA:
+                self.core.refuse_data()
+            self._refuse(command, verb, refusal)
+            return
         match verb:
             case Verb.XCLIENT | Verb.XFORWARD:
                 # XCLIENT and XFORWARD are smtpwarden's own to send upstream.
@@ -288,6 +286,7 @@ class Session(UpstreamLeg):
                     self._answer(command, verb, refusal)
                     return
                 self._new_transaction()
+                self._utf8_mail = asks_utf8(command)
                 if self._xforward:
                     self._send_xforward()
             case Verb.RCPT:
@@ -302,30 +301,9 @@ class Session(UpstreamLeg):
                 takes_over = route.policy == "requeue" and self.ctx.config.retry.take_over_partial
             case Verb.BDAT:
                 assert isinstance(command, Bdat)  # noqa: S101 - the parser's type for BDAT
-                self._chunk_last = command.last
-                self._chunk_dropped = not self._chunking
-                if self._chunk_dropped:
-                    # The chunk that follows is read and dropped so the stream
-                    # stays in step (RFC 3030 2: the size says where it ends).
-                    self._refuse(command, verb, replies.chunking_not_offered)
+                if not self._start_chunk(command):
                     return
-                self._message_bytes += command.size
-                limit = self.ctx.config.limits.max_message_bytes
-                if self._message_failed or (limit and self._message_bytes > limit):
-                    # Refused before a byte of it goes on, and so is every
-                    # later chunk: RFC 3030 4.2, the transaction has failed
-                    # and the client's RSET clears it. A chunk let through
-                    # now would leave a hole in the message.
-                    self._message_failed = True
-                    self._chunk_dropped = True
-                    self._in_body = False
-                    self.guard.release()
-                    self._answer(command, verb, replies.message_too_big)
-                    return
-                self._in_body = True
-                self._body_kind = "bdat"
                 line = command.wire
-                self.guard.hold("bdat", self._message_route())
             case Verb.DATA:
                 self._in_body = True
                 self._message_bytes = 0
@@ -333,6 +311,7 @@ class Session(UpstreamLeg):
                 self.guard.hold("data", self._message_route())
             case Verb.HELO:
                 self._chunking = False  # HELO offers no extensions (RFC 5321 4.1.1.1)
+                self._utf8 = False
                 self._xforward = False
                 self._esmtp = False
                 self._needs_ehlo = False
@@ -477,6 +456,7 @@ class Session(UpstreamLeg):
                 policy = self.extension_policy
                 data, offered = reconcile(reply, policy)
                 self._chunking = "CHUNKING" in offered and policy.chunking
+                self._utf8 = "SMTPUTF8" in offered
                 self._upstream_offers(offered)
                 out.append(data)
             case Verb.DATA:

@@ -32,12 +32,14 @@ from smtpwarden.protocol.records import (
     text_of,
 )
 from smtpwarden.protocol.replies import Reply
+from smtpwarden.protocol.sequence import OutOfSequence, out_of_sequence
 from smtpwarden.protocol.transaction import (
     Awaiting,
     MessageDigest,
     Replay,
     Transaction,
     params_of,
+    replay_of,
     transaction_record,
 )
 
@@ -113,6 +115,11 @@ class SessionTracker:
     def in_transaction(self) -> bool:
         """True between an accepted MAIL and the transaction's end."""
         return self._tx is not None
+
+    def out_of_sequence(self, verb: Verb, recipients_sent: int) -> OutOfSequence | None:
+        """Why RCPT, DATA or BDAT may not be relayed now; see ``protocol.sequence``."""
+        pending = [entry.verb for entry in self._queue]
+        return out_of_sequence(verb, self._tx, pending, self._body_kind, recipients_sent)
 
     # -- client to upstream --------------------------------------------------
 
@@ -401,13 +408,13 @@ class SessionTracker:
         ):
             if self._replays(reply):
                 tx.replaying = True
-                self.replay = self._replay_of(tx, reply)
+                self.replay = replay_of(tx, self.info.session_id, reply)
                 return
             if tx.taken_over and reply.code // 100 == 2:
                 # Delivered upstream; the 2xx waits until the spool has
                 # the recipients the relay took over (invariant 1).
                 tx.replaying = True
-                self.replay = replace(self._replay_of(tx, reply), delivered=True)
+                self.replay = replace(replay_of(tx, self.info.session_id, reply), delivered=True)
                 return
         if reply.code // 100 == 2 and self._contradicts is not None and self._contradicts(reply):
             entry.contradicted = True
@@ -435,20 +442,8 @@ class SessionTracker:
         tx.sent = entry.body
         tx.replaying = True
         tx.duplicate_risk = True
-        self.replay = self._replay_of(tx, None)
+        self.replay = replay_of(tx, self.info.session_id, None)
         return True
-
-    def _replay_of(self, tx: Transaction, failure: Reply | None) -> Replay:
-        if tx.sent is None:
-            raise LocalProtocolError("a replay of a message that was not sent")
-        return Replay(
-            mail=tx.mail_command,
-            recipients=tuple(tx.accepted),
-            first_failure=failure,
-            taken_over=tuple(tx.taken_over),
-            transaction_id=f"{self.info.session_id}.{tx.number}",
-            sent=tx.sent,
-        )
 
     def stop_replays(self) -> None:
         """No replay for the open transaction (its held copy is gone)."""

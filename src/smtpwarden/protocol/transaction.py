@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from smtpwarden.protocol.diagnosis import diagnose
+from smtpwarden.protocol.errors import LocalProtocolError
 from smtpwarden.protocol.events import Command, MailFrom, Param, RcptTo, Verb
 from smtpwarden.protocol.records import (
     Address,
@@ -118,6 +119,20 @@ class Replay:
     taken_over: tuple[RcptTo, ...] = ()  # recipients for the spool alone
     transaction_id: str
     sent: tuple[int, str]  # the message's size and SHA-256
+
+
+def replay_of(tx: Transaction, session_id: str, failure: Reply | None) -> Replay:
+    """What a replay of ``tx``, sent and then failed by ``failure``, needs."""
+    if tx.sent is None:
+        raise LocalProtocolError("a replay of a message that was not sent")
+    return Replay(
+        mail=tx.mail_command,
+        recipients=tuple(tx.accepted),
+        first_failure=failure,
+        taken_over=tuple(tx.taken_over),
+        transaction_id=f"{session_id}.{tx.number}",
+        sent=tx.sent,
+    )
 
 
 def dedupe_key(mail: bytes, recipients: Iterable[bytes], body_sha256: str) -> str:
