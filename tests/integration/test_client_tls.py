@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -184,3 +185,50 @@ def test_swaks_over_tls(
     assert "TLS started" in output
     (conn,) = upstream.wait_all_ended()
     assert len(conn.data) == 1
+
+
+INJECTIONS = ("mail-in-the-write-after-starttls", "plaintext-instead-of-the-client-hello")
+
+
+@pytest.mark.parametrize("variant", INJECTIONS)
+def test_no_starttls_injection_is_ever_executed(
+    start_relay: StartRelay, upstream: RawUpstream, pki: Pki, variant: str
+) -> None:
+    # RFC 3207 5: nothing sent before the handshake may be executed after
+    # it. (STARTTLS and the injection in one write is the test above.)
+    injected = b"MAIL FROM:<injected@example.org>\r\nRCPT TO:<victim@example.net>\r\n"
+    relay = tls_relay(start_relay, upstream, pki)
+    host, port = relay.address()
+    with socket.create_connection((host, port), timeout=WAIT_S) as raw:
+        reader = raw.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        raw.sendall(b"EHLO client.test\r\n")
+        while not reader.readline().startswith(b"250 "):
+            pass
+        raw.sendall(b"STARTTLS\r\n")
+        if variant == "mail-in-the-write-after-starttls":
+            raw.sendall(injected)  # before the 220 is read
+            assert reader.readline().startswith(b"220 2.0.0")
+            tls = pki.client_context().wrap_socket(
+                raw, server_hostname="localhost", do_handshake_on_connect=False
+            )
+            with tls:
+                try:
+                    tls.do_handshake()
+                    tls.sendall(b"EHLO client.test\r\nQUIT\r\n")
+                    tls.makefile("rb").read()
+                except (ssl.SSLError, ConnectionResetError):
+                    # The injected octets may reach the relay after its
+                    # handshake began, which then fails: still not executed.
+                    pass
+        else:
+            assert reader.readline().startswith(b"220 2.0.0")
+            raw.sendall(injected)
+            assert reader.read() == b""  # the handshake failed; the relay closed
+    relay.wait_records(lambda found: len(found) == 1, "session")
+    (conn,) = upstream.wait_all_ended()
+    assert b"injected" not in conn.command_text()
+    assert b"victim" not in conn.command_text()
+    # The listener still serves.
+    with smtplib.SMTP(host, port, timeout=WAIT_S) as client:
+        assert client.noop()[0] == 250

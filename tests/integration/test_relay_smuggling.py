@@ -26,6 +26,12 @@ VARIANTS = {
     "lf-dot-crlf": b"\n.\r\n",
     "crlf-dot-lf": b"\r\n.\n",
     "crlf-dot-cr-more": b"\r\n.\rmore data\r\n",
+    "cr-dot-crlf": b"\r.\r\n",
+    "lf-dot-cr": b"\n.\r",
+    "cr-dot-lf": b"\r.\n",
+    "crlf-dot-cr": b"\r\n.\r",
+    "lf-lf-dot-lf": b"\n\n.\n",
+    "crlf-lf-dot-crlf": b"\r\n\n.\r\n",
 }
 
 
