@@ -67,9 +67,9 @@ def test_a_stray_reply_is_never_taken_for_the_answer_to_the_dot(
     relay = start_relay(upstream.config)
     with WireClient(relay.address()) as client:
         client.start_transaction()
-        # The body is pipelined behind DATA, as a careless client might.
+        # The body is pipelined behind DATA, as a careless client might. The
+        # 354 and the stray 250 come in one read: neither is relayed.
         client.send(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
-        client.expect(354)
         assert client.expect(421).startswith(b"421 4.4.2 ")
     (record,) = relay.wait_records(lambda rs: len(rs) == 1, "transaction")
     assert record["outcome"] != "delivered"

@@ -49,6 +49,7 @@ from smtpwarden.protocol.events import (
 from smtpwarden.protocol.extensions import reconcile
 from smtpwarden.protocol.records import Peer, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import Reply, ReplyReader, reply_for
+from smtpwarden.protocol.sequence import reply_fits
 from smtpwarden.protocol.server import ServerConnection
 from smtpwarden.protocol.state import ServerState
 from smtpwarden.protocol.tracker import SessionTracker
@@ -360,6 +361,8 @@ class Session(UpstreamLeg):
                 self.guard.release()
                 self.tracker.stop_replays()
                 held = None
+        if body.done and self._body_kind == "bdat":
+            self.tracker.chunk_sent(_now())
         if body.done and (self._body_kind == "data" or self._chunk_last):
             self._in_body = False
             self.tracker.end_of_body(_now(), replayable=held is not None)
@@ -386,16 +389,25 @@ class Session(UpstreamLeg):
                 self._preamble_finished(f"malformed reply: {error}")
             return
         now = _now()
-        while True:
-            try:
-                reply = reader.next_reply()
-            except MalformedReply as error:
-                self._upstream_failed(f"malformed reply: {error}", "upstream_malformed")
-                return
-            if reply is None:
-                break
+        replies: list[Reply] = []
+        try:
+            while (reply := reader.next_reply()) is not None:
+                replies.append(reply)
+        except MalformedReply as error:
+            # Nothing of this read is trusted: a 250 just before garbage may
+            # be garbage too. A message awaiting its answer is a lost outcome.
+            self._upstream_failed(f"malformed reply: {error}", "upstream_malformed")
+            return
+        if len(replies) > 1 and not self._owes(replies):
+            return
+        for reply in replies:
             if self._capture is not None:
                 self._captured_reply(reply)
+            oldest = tracker.oldest()
+            if oldest is not None and not reply_fits(oldest.verb, oldest.name, reply.code):
+                why = f"reply {reply.raw[:80]!r} to {oldest.name}"
+                self._upstream_failed(why, "upstream_malformed")
+                return
             entry = tracker.upstream_reply(reply, now)
             if entry is None:
                 why = f"reply nobody asked for: {reply.raw[:80]!r}"

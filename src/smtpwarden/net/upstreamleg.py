@@ -32,7 +32,7 @@ from smtpwarden.protocol.extensions import Extensions
 from smtpwarden.protocol.identity import xclient_command, xforward_command
 from smtpwarden.protocol.preamble import Action, Done, Fail, Send, StartTls, UpstreamPreamble
 from smtpwarden.protocol.records import Upstream
-from smtpwarden.protocol.replies import ReplyReader
+from smtpwarden.protocol.replies import Reply, ReplyReader
 
 log = logging.getLogger("smtpwarden.session")
 
@@ -189,6 +189,20 @@ class UpstreamLeg(SecureSession):
     def upstream_data(self, data: bytes) -> None:
         """Handle bytes from the upstream; see ``Session``."""
         raise NotImplementedError
+
+    def _owes(self, replies: list[Reply]) -> bool:
+        """False, with the upstream failed, if one read brings more replies than owed.
+
+        Which of them answers what is then unknown: none is relayed (a stray
+        250 just before the real 451 to a message must never pass for its
+        answer). A closing 421 past the end is RFC 5321 3.8's, not a stray.
+        """
+        extra = len(replies) - self.tracker.owed
+        if extra <= 0 or (extra == 1 and replies[-1].code == 421):
+            return True
+        why = f"{extra} replies nobody asked for, with {replies[-1].raw[:80]!r}"
+        self._upstream_failed(why, "upstream_unsolicited")
+        return False
 
     # -- the preamble ------------------------------------------------------------
 

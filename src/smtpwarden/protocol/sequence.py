@@ -1,4 +1,7 @@
-"""Commands out of sequence: what a client may not send before MAIL or RCPT.
+"""Commands and replies out of sequence.
+
+A client may not send RCPT before MAIL, nor DATA or BDAT before RCPT; an
+upstream may not answer a command with a code that command cannot have.
 
 The upstream enforces the order of a transaction itself, but smtpwarden
 must not lean on that: a lax upstream that answers 354 to a DATA with no
@@ -17,7 +20,7 @@ import enum
 from collections.abc import Iterable
 
 from smtpwarden.protocol.events import Verb
-from smtpwarden.protocol.transaction import Transaction
+from smtpwarden.protocol.transaction import Awaiting, Transaction
 
 
 class OutOfSequence(enum.Enum):
@@ -32,18 +35,18 @@ class OutOfSequence(enum.Enum):
 def out_of_sequence(
     verb: Verb,
     transaction: Transaction | None,
-    pending: Iterable[Verb | None],
+    pending: Iterable[Awaiting],
     body_kind: str | None,
     recipients_sent: int,
 ) -> OutOfSequence | None:
     """Why ``verb`` may not be relayed now; None when it may (or cannot be known yet).
 
     ``transaction`` is the open one (its MAIL was accepted), ``pending`` the
-    verbs still awaiting their reply, ``body_kind`` how the message of the
+    commands still awaiting their reply, ``body_kind`` how the message of the
     client's latest MAIL is being sent ("data", "bdat" or None), and
     ``recipients_sent`` how many RCPTs the client sent since that MAIL.
     """
-    waiting = set(pending)
+    waiting = {entry.verb for entry in pending}
     if Verb.MAIL not in waiting and transaction is None:
         return OutOfSequence.NEED_MAIL
     if verb is Verb.RCPT:
@@ -56,3 +59,21 @@ def out_of_sequence(
         return None
     assert transaction is not None  # noqa: S101 - no MAIL pending means one is open
     return None if transaction.accepted else OutOfSequence.NO_VALID_RECIPIENTS
+
+
+def reply_fits(verb: Verb | None, name: str, code: int) -> bool:
+    """True if ``code`` can answer the command ``verb`` (``name`` for the relay's own).
+
+    RFC 5321 4.3.2: DATA is answered 354 or a failure, and only DATA (and
+    AUTH, RFC 4954 4: 334) an intermediate 3xx; the greeting is 220 or a
+    failure. A 250 to DATA would otherwise pass for a message delivered
+    that was never sent.
+    """
+    klass = code // 100
+    if verb is Verb.DATA:
+        return code == 354 or klass in (4, 5)
+    if klass == 3:
+        return verb is Verb.AUTH
+    if name == "CONNECT":
+        return code == 220 or klass in (4, 5)
+    return True

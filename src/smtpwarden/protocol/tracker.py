@@ -27,7 +27,6 @@ from smtpwarden.protocol.records import (
     SessionRecord,
     Step,
     TransactionRecord,
-    iso_time,
     outcome_of,
     text_of,
 )
@@ -40,6 +39,7 @@ from smtpwarden.protocol.transaction import (
     Transaction,
     params_of,
     replay_of,
+    session_record,
     transaction_record,
 )
 
@@ -107,9 +107,18 @@ class SessionTracker:
         """Number of commands still waiting for a reply."""
         return len(self._queue)
 
+    @property
+    def owed(self) -> int:
+        """Replies the upstream still owes: commands sent and not yet answered."""
+        return sum(entry.local is None for entry in self._queue)
+
     def oldest(self) -> Awaiting | None:
         """The command whose reply comes next, if any."""
         return self._queue[0] if self._queue else None
+
+    def newest(self) -> Awaiting | None:
+        """The command sent last that still awaits its reply, if any."""
+        return self._queue[-1] if self._queue else None
 
     @property
     def in_transaction(self) -> bool:
@@ -118,8 +127,7 @@ class SessionTracker:
 
     def out_of_sequence(self, verb: Verb, recipients_sent: int) -> OutOfSequence | None:
         """Why RCPT, DATA or BDAT may not be relayed now; see ``protocol.sequence``."""
-        pending = [entry.verb for entry in self._queue]
-        return out_of_sequence(verb, self._tx, pending, self._body_kind, recipients_sent)
+        return out_of_sequence(verb, self._tx, self._queue, self._body_kind, recipients_sent)
 
     # -- client to upstream --------------------------------------------------
 
@@ -198,6 +206,11 @@ class SessionTracker:
             self._last_bdat.body = body
             self._last_bdat.replayable = replayable
 
+    def chunk_sent(self, now: float) -> None:
+        """A BDAT chunk's last octet went upstream: its reply is due from now on."""
+        if self._last_bdat is not None:
+            self._last_bdat.sent_at = now
+
     # -- upstream to client --------------------------------------------------
 
     def upstream_reply(self, reply: Reply, now: float) -> Awaiting | None:
@@ -255,15 +268,9 @@ class SessionTracker:
         self._queue.clear()
         if self._tx is not None:
             self._end_unanswered(failure, sent or self._tx.sent, now)
-        return SessionRecord(
-            type="session",
-            time=iso_time(self.started_at + self._epoch),
-            session_id=self.info.session_id,
-            listener=self.info.listener,
-            client=self.info.client,
-            upstream=self.info.upstream,
-            tls=self.info.tls,
-            auth=self.info.auth,
+        return session_record(
+            self.info,
+            started=self.started_at + self._epoch,
             helo=self.helo,
             banner=self.banner,
             transactions=self._count,

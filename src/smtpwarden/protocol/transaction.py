@@ -19,6 +19,7 @@ from smtpwarden.protocol.records import (
     Outcome,
     ReplyInfo,
     SessionInfo,
+    SessionRecord,
     Step,
     TransactionRecord,
     iso_time,
@@ -146,6 +147,40 @@ def dedupe_key(mail: bytes, recipients: Iterable[bytes], body_sha256: str) -> st
 
 def params_of(params: tuple[Param, ...]) -> dict[str, str | None]:
     return {text_of(key): None if value is None else text_of(value) for key, value in params}
+
+
+def session_record(
+    info: SessionInfo,
+    *,
+    started: float,
+    helo: str | None,
+    banner: ReplyInfo | None,
+    transactions: int,
+    timeline: tuple[Step, ...],
+    end: str,
+    client_bytes: int,
+    upstream_bytes: int,
+    duration_ms: float,
+) -> SessionRecord:
+    """The record of a session that ended; ``started`` in seconds since the epoch."""
+    return SessionRecord(
+        type="session",
+        time=iso_time(started),
+        session_id=info.session_id,
+        listener=info.listener,
+        client=info.client,
+        upstream=info.upstream,
+        tls=info.tls,
+        auth=info.auth,
+        helo=helo,
+        banner=banner,
+        transactions=transactions,
+        timeline=timeline,
+        end=end,
+        client_bytes=client_bytes,
+        upstream_bytes=upstream_bytes,
+        duration_ms=duration_ms,
+    )
 
 
 def transaction_record(
