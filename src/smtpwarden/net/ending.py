@@ -111,7 +111,12 @@ class SessionEnd(CapturingSession):
             self._client_gone("client_timeout")
             return
         entry = self.tracker.oldest()
-        if entry is not None and entry.local is None:
+        if (
+            entry is not None
+            and entry.local is None
+            # A BDAT whose chunk is still arriving waits on the client.
+            and not (self.core.state is ServerState.CHUNK and entry is self.tracker.newest())
+        ):
             limit = reply_timeout(entry, timeouts)
             if entry.body is not None and self.guard.held is not None:
                 # A held message's lost outcome is replayed: wait no longer
