@@ -26,7 +26,7 @@ from integration.external_tools import SmtpSink
 from integration.prometheus_text import Family, get, request, scrape, series, total
 from integration.recording_upstreams import RawUpstream
 from integration.relay_harness import LISTENER, POLL_S, UPSTREAM, WAIT_S, RunningRelay, StartRelay
-from smtpwarden.net.control import MAX_CONNECTIONS, ControlServer, Response
+from smtpwarden.net.control import MAX_CONNECTIONS, MAX_PER_ADDRESS, ControlServer, Response
 
 THREADS = 6
 SESSIONS_PER_THREAD = 4
@@ -355,9 +355,11 @@ def test_readyz_is_503_while_draining(start_relay: StartRelay, raw_upstream: Raw
 # --- The HTTP server on its own ------------------------------------------------------------
 
 
-async def exchange(address: tuple[str, int], data: bytes) -> bytes:
+async def exchange(
+    address: tuple[str, int], data: bytes, local_addr: tuple[str, int] | None = None
+) -> bytes:
     """Send ``data`` and read to the end; b"" when the server resets the connection."""
-    reader, writer = await asyncio.open_connection(*address)
+    reader, writer = await asyncio.open_connection(*address, local_addr=local_addr)
     try:
         writer.write(data)
         async with asyncio.timeout(WAIT_S):
@@ -397,7 +399,13 @@ def test_connections_past_the_limit_are_closed_unanswered() -> None:
         await server.start("127.0.0.1", 0)
         address = server.address()
         request = b"GET /ok HTTP/1.1\r\n\r\n"
-        idle = [await asyncio.open_connection(*address) for _ in range(MAX_CONNECTIONS)]
+        # From several loopback addresses, each within MAX_PER_ADDRESS.
+        idle = [
+            await asyncio.open_connection(
+                *address, local_addr=(f"127.0.0.{2 + n // MAX_PER_ADDRESS}", 0)
+            )
+            for n in range(MAX_CONNECTIONS)
+        ]
         try:
             # Accepted in order: the idle ones hold every place by then.
             refused = await exchange(address, request)
@@ -411,6 +419,33 @@ def test_connections_past_the_limit_are_closed_unanswered() -> None:
         try:
             served = await exchange(server.address(), request)
         finally:
+            await server.close()
+        return refused, served
+
+    refused, served = asyncio.run(run())
+    assert refused == b""
+    assert served.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_one_address_holds_a_few_connections_at_most() -> None:
+    async def ok() -> Response:
+        return Response(200, b"ok\n")
+
+    async def run() -> tuple[bytes, bytes]:
+        server = ControlServer({"/ok": ok})
+        await server.start("127.0.0.1", 0)
+        address = server.address()
+        request = b"GET /ok HTTP/1.1\r\n\r\n"
+        hog = ("127.0.0.2", 0)
+        idle = [
+            await asyncio.open_connection(*address, local_addr=hog) for _ in range(MAX_PER_ADDRESS)
+        ]
+        try:
+            refused = await exchange(address, request, local_addr=hog)
+            served = await exchange(address, request, local_addr=("127.0.0.3", 0))
+        finally:
+            for _, writer in idle:
+                writer.close()
             await server.close()
         return refused, served
 

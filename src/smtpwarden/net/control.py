@@ -7,7 +7,8 @@ says ``Connection: close``), no request body, no keep-alive. A path it does
 not know gets 404, a known path asked with another method 405, and a
 request it cannot read 400 (431 when its head is too large). The head must
 arrive within ``READ_TIMEOUT_S`` and ``MAX_REQUEST_BYTES``, and at most
-``MAX_CONNECTIONS`` connections are served at once.
+``MAX_CONNECTIONS`` connections are served at once, ``MAX_PER_ADDRESS`` of
+them from any one address, so that one client cannot starve the probes.
 
 Rule 1: a handler sees nothing of the request but that it was asked for;
 what the endpoint says is built from the relay's state, never from input.
@@ -39,6 +40,9 @@ WRITE_TIMEOUT_S: Final = 10.0
 # Our choice: a few scrapers and probes at once. Past it a new connection is
 # closed unanswered, so a client that opens many cannot hold the relay's memory.
 MAX_CONNECTIONS: Final = 32
+# Our choice too: a scraper and a probe or two per address, with room to
+# spare; a client holding slots open takes a quarter of them at most.
+MAX_PER_ADDRESS: Final = 8
 TEXT: Final = "text/plain; charset=utf-8"
 _METHODS: Final = ("GET", "HEAD")
 
@@ -70,6 +74,7 @@ class ControlServer:
         self._routes = dict(routes)
         self._server: asyncio.Server | None = None
         self._serving: set[asyncio.Task[None]] = set()
+        self._per_address: dict[str, int] = {}
 
     async def start(self, host: str, port: int) -> None:
         """Bind and serve; raises OSError if the address cannot be bound."""
@@ -98,10 +103,14 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is None or len(self._serving) >= MAX_CONNECTIONS:
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if peer else ""
+        held = self._per_address.get(address, 0)
+        if task is None or len(self._serving) >= MAX_CONNECTIONS or held >= MAX_PER_ADDRESS:
             writer.transport.abort()
             return
         self._serving.add(task)
+        self._per_address[address] = held + 1
         try:
             response, head_only = await self._answer(reader)
             if response is not None:
@@ -113,6 +122,9 @@ class ControlServer:
             raise
         finally:
             self._serving.discard(task)
+            left = self._per_address.pop(address) - 1
+            if left:
+                self._per_address[address] = left
             writer.close()
 
     async def _answer(self, reader: asyncio.StreamReader) -> tuple[Response | None, bool]:
