@@ -24,7 +24,6 @@ it reads as false, so those spools still load (and are still version 1).
 from __future__ import annotations
 
 import base64
-import binascii
 import enum
 from typing import TypeVar
 
@@ -142,7 +141,7 @@ class _Reader:
         if isinstance(value, dict) and isinstance(value.get("base64"), str):
             try:
                 return base64.b64decode(value["base64"], validate=True)
-            except binascii.Error:
+            except ValueError:  # binascii.Error, or a non-ASCII string
                 pass
         raise self._bad(key, "a string or {base64: ...}")
 
