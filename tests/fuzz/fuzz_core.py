@@ -7,8 +7,9 @@ Usage (from the repository root, with the ``fuzz`` extra installed)::
     python tests/fuzz/fuzz_core.py minimize TARGET CRASH_FILE [-o OUT] [--seconds N]
     python tests/fuzz/fuzz_core.py list
 
-The targets themselves live in ``targets.py``, plain Python that the unit
-tests replay without Atheris; this script only adds the fuzzing engine.
+The targets themselves live in ``targets.py`` (the registry) and the
+``targets_*.py`` modules beside it, plain Python that the unit tests replay
+without Atheris; this script only adds the fuzzing engine.
 
 With no corpus directory given, the seeds of ``corpus/TARGET`` are copied to
 a temporary directory and that one grows: the committed corpus is never
@@ -54,6 +55,9 @@ MAX_LEN = {
 DEFAULT_MAX_LEN = 4096
 # A single input that takes this long (seconds) is reported as a hang.
 TIMEOUT_S = 10
+# The registry and the modules it imports the targets from: instrumented
+# with smtpwarden's code, so that their comparisons guide the fuzzer too.
+TARGET_MODULES = sorted(path.stem for path in HERE.glob("targets*.py"))
 
 
 def load_targets(*, instrument: bool) -> ModuleType:
@@ -67,7 +71,7 @@ def load_targets(*, instrument: bool) -> ModuleType:
     # str comparisons give the fuzzer hints. (The RegEx hook is left out: it
     # fails on the bytes patterns the core is written with.)
     atheris.enabled_hooks.add("str")
-    with atheris.instrument_imports(include=["smtpwarden", "targets"]):
+    with atheris.instrument_imports(include=["smtpwarden", *TARGET_MODULES]):
         return importlib.import_module("targets")
 
 

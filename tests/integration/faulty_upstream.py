@@ -28,19 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from integration.recording_upstreams import DEFAULT_EHLO
-
-WAIT_S = 10.0  # how long a test waits for the upstream to see something
-# A peer that never closes must not keep a thread alive for the rest of the run.
-CONNECTION_TIMEOUT_S = 30.0
-ACCEPT_POLL_S = 0.05  # how often the accept loop looks at its stop flag
-END_OF_DATA = b"\r\n.\r\n"
+from integration.recording_upstreams import DEFAULT_EHLO, PeerClosed, SocketUpstream, _LineReader
+from integration.tls_upstreams import STARTTLS_READY
 
 PHASES = ("banner", "ehlo", "mail", "rcpt", "data", "dot", "bdat", "bdat_last", "quit")
 """The phases of a session a fault can break, in the order a session meets them."""
 
 BANNER = b"220 faulty.test ESMTP faulty\r\n"
-STARTTLS_READY = b"220 2.0.0 Ready to start TLS\r\n"
 QUEUED = b"250 2.0.0 Ok: queued by faulty.test\r\n"
 # The usual reply at each phase (EHLO's is built from the keywords offered).
 NORMAL: dict[str, bytes] = {
@@ -54,10 +48,6 @@ NORMAL: dict[str, bytes] = {
     "quit": b"221 2.0.0 Bye\r\n",
     "starttls": STARTTLS_READY,
 }
-
-
-class PeerClosed(Exception):
-    """The connection ended before what the server was reading arrived."""
 
 
 @dataclass
@@ -320,47 +310,15 @@ def handshake(wire: Wire, normal: bytes) -> None:
 # --- The server ------------------------------------------------------------------
 
 
-class _Lines:
-    """Buffered reads of lines, DATA sections and counted octets."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def _more(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise PeerClosed
-        self.buf += chunk
-
-    def line(self) -> bytes:
-        while (end := self.buf.find(b"\n")) < 0:
-            self._more()
-        line, self.buf = self.buf[: end + 1], self.buf[end + 1 :]
-        return line
-
-    def exactly(self, size: int) -> bytes:
-        while len(self.buf) < size:
-            self._more()
-        out, self.buf = self.buf[:size], self.buf[size:]
-        return out
-
-    def data_section(self) -> bytes:
-        # The DATA line ended with CRLF: search as if CRLF came before the buffer.
-        while (found := (b"\r\n" + self.buf).find(END_OF_DATA)) < 0:
-            self._more()
-        end = found + len(END_OF_DATA) - 2
-        out, self.buf = self.buf[:end], self.buf[end:]
-        return out
-
-
-class FaultyUpstream:
+class FaultyUpstream(SocketUpstream[FaultyConnection]):
     """A scripted SMTP server that plays ``fault`` at ``phase`` on every connection.
 
     ``phase`` is one of ``PHASES`` or "starttls". ``offer_starttls`` puts
     STARTTLS in its EHLO reply; ``context`` is the TLS context of the
     handshake faults that run one.
     """
+
+    name = "faulty-upstream"
 
     def __init__(
         self,
@@ -377,42 +335,7 @@ class FaultyUpstream:
         self.ehlo = ehlo
         self.offer_starttls = offer_starttls
         self.context = context
-        self.connections: list[FaultyConnection] = []
-        self._changed = threading.Condition()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._open: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(ACCEPT_POLL_S)
-        self.port: int = self._listener.getsockname()[1]
-        self._acceptor = threading.Thread(target=self._accept, name="faulty-upstream", daemon=True)
-        self._acceptor.start()
-
-    @property
-    def config(self) -> dict[str, object]:
-        """The relay's upstream section for this server."""
-        return {"kind": "smtp", "host": "127.0.0.1", "port": self.port}
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            sock.settimeout(CONNECTION_TIMEOUT_S)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # drips go out at once
-            record = FaultyConnection()
-            with self._changed:
-                self.connections.append(record)
-                self._open.append(sock)
-                self._changed.notify_all()
-            worker = threading.Thread(
-                target=self._serve, args=(sock, record), name="faulty-upstream-conn", daemon=True
-            )
-            self._threads.append(worker)
-            worker.start()
+        super().__init__(FaultyConnection)
 
     def _ehlo_reply(self) -> bytes:
         keywords = [*self.ehlo, "STARTTLS"] if self.offer_starttls else list(self.ehlo)
@@ -437,9 +360,10 @@ class FaultyUpstream:
 
     def _serve(self, sock: socket.socket, record: FaultyConnection) -> None:
         wire = Wire(sock, self._stop, self.context, record, self._changed)
-        lines = _Lines(sock)
+        lines = _LineReader(sock)
         chunks: list[bytes] = []
         try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # drips go out at once
             if self._answer(wire, record, "banner", BANNER):
                 return
             while True:
@@ -494,38 +418,3 @@ class FaultyUpstream:
                 record.ended = True
                 self._changed.notify_all()
             sock.close()
-
-    def wait_for(
-        self, predicate: Callable[[list[FaultyConnection]], bool], timeout: float = WAIT_S
-    ) -> None:
-        """Block until ``predicate(connections)`` holds; fail after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not predicate(self.connections):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"faulty upstream: condition not met within {timeout} s")
-                self._changed.wait(left)
-
-    def wait_all_ended(self, count: int = 1, timeout: float = WAIT_S) -> list[FaultyConnection]:
-        """Wait until at least ``count`` connections came and all of them ended."""
-        self.wait_for(
-            lambda conns: len(conns) >= count and all(conn.ended for conn in conns), timeout
-        )
-        return list(self.connections)
-
-    def close(self) -> None:
-        self._stop.set()
-        # Shut down, not just closed: that wakes the accept loop at once.
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-
-        self._acceptor.join(WAIT_S)
-        with self._changed:
-            for sock in self._open:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        for worker in self._threads:
-            worker.join(WAIT_S)
-        assert not any(worker.is_alive() for worker in self._threads), "upstream thread hung"

@@ -4,7 +4,10 @@
 every received byte exactly as it arrived: command lines with their CRLF,
 DATA sections with their dot-stuffing and terminator, BDAT chunks. It is the
 witness for PRODUCT.md invariant 2 (the bytes that reach the upstream are the
-bytes the client sent) and invariant 3 (no smuggled end of data).
+bytes the client sent) and invariant 3 (no smuggled end of data). Its
+scaffolding, ``SocketUpstream`` (the listener, a thread per connection, the
+waits and the close) and ``_LineReader``, serve the other scripted upstreams
+too.
 
 ``AiosmtpdUpstream`` runs aiosmtpd, a real SMTP server implementation, and
 records each envelope its handler is given and each connection that ends.
@@ -23,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -106,26 +109,41 @@ class _LineReader:
             self._more()
 
 
-class RawUpstream:
-    """A scripted SMTP server that stores exactly what it receives.
+def wait_until(
+    changed: threading.Condition, holds: Callable[[], bool], timeout: float, what: str
+) -> None:
+    """Block on ``changed`` until ``holds()``; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    with changed:
+        while not holds():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{what}: condition not met within {timeout} s")
+            changed.wait(left)
 
-    ``ehlo`` lists the keywords it offers after the greeting line;
-    ``replies`` maps an upper-cased verb (or "BANNER", or "." for the end of
-    data) to raw reply bytes that replace the normal reply; "RCPT <path>"
-    (the path as the client wrote it) replaces it for one recipient.
-    ``port`` 0 (the default) binds an ephemeral port.
+
+class _Record(Protocol):
+    ended: bool  # set when the connection is over
+
+
+Record = TypeVar("Record", bound=_Record)
+
+
+class SocketUpstream(Generic[Record]):
+    """A server on plain blocking sockets, one thread per connection.
+
+    A subclass sets what its ``_serve`` needs, then calls this ``__init__``
+    with the record class of a connection: it binds 127.0.0.1 (``port`` 0,
+    the default, an ephemeral port) and starts accepting. ``_serve`` plays
+    one connection, notifies ``_changed`` whenever its record changes and
+    sets ``ended`` last. ``name`` names the threads and the failures.
     """
 
-    def __init__(
-        self,
-        *,
-        ehlo: tuple[str, ...] = DEFAULT_EHLO,
-        replies: dict[str, bytes] | None = None,
-        port: int = 0,
-    ) -> None:
-        self.ehlo = ehlo
-        self.replies = dict(replies or {})
-        self.connections: list[RawConnection] = []
+    name = "upstream"
+
+    def __init__(self, record: Callable[[], Record], *, port: int = 0) -> None:
+        self._new_record = record
+        self.connections: list[Record] = []
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -133,7 +151,7 @@ class RawUpstream:
         self._listener = socket.create_server(("127.0.0.1", port))
         self._listener.settimeout(ACCEPT_POLL_S)
         self.port: int = self._listener.getsockname()[1]
-        self._acceptor = threading.Thread(target=self._accept, name="raw-upstream", daemon=True)
+        self._acceptor = threading.Thread(target=self._accept, name=self.name, daemon=True)
         self._acceptor.start()
 
     @property
@@ -150,16 +168,69 @@ class RawUpstream:
             except OSError:
                 return
             sock.settimeout(CONNECTION_TIMEOUT_S)
-            record = RawConnection()
+            record = self._new_record()
             with self._changed:
                 self.connections.append(record)
                 self._open.append(sock)
                 self._changed.notify_all()
             worker = threading.Thread(
-                target=self._serve, args=(sock, record), name="raw-upstream-conn", daemon=True
+                target=self._serve, args=(sock, record), name=f"{self.name}-conn", daemon=True
             )
             self._threads.append(worker)
             worker.start()
+
+    def _serve(self, sock: socket.socket, record: Record) -> None:
+        raise NotImplementedError
+
+    def wait_for(self, predicate: Callable[[list[Record]], bool], timeout: float = WAIT_S) -> None:
+        """Block until ``predicate(connections)`` holds; fail after ``timeout``."""
+        wait_until(self._changed, lambda: predicate(self.connections), timeout, self.name)
+
+    def wait_all_ended(self, count: int = 1, timeout: float = WAIT_S) -> list[Record]:
+        """Wait until at least ``count`` connections came and all of them ended."""
+        self.wait_for(
+            lambda conns: len(conns) >= count and all(conn.ended for conn in conns), timeout
+        )
+        return list(self.connections)
+
+    def close(self) -> None:
+        self._stop.set()
+        # Shut down, not just closed: that wakes the accept loop at once.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._acceptor.join(WAIT_S)
+        with self._changed:
+            for sock in self._open:
+                with contextlib.suppress(OSError, ValueError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        for worker in self._threads:
+            worker.join(WAIT_S)
+        assert not any(worker.is_alive() for worker in self._threads), "upstream thread hung"
+
+
+class RawUpstream(SocketUpstream[RawConnection]):
+    """A scripted SMTP server that stores exactly what it receives.
+
+    ``ehlo`` lists the keywords it offers after the greeting line;
+    ``replies`` maps an upper-cased verb (or "BANNER", or "." for the end of
+    data) to raw reply bytes that replace the normal reply; "RCPT <path>"
+    (the path as the client wrote it) replaces it for one recipient.
+    ``port`` 0 (the default) binds an ephemeral port.
+    """
+
+    name = "raw-upstream"
+
+    def __init__(
+        self,
+        *,
+        ehlo: tuple[str, ...] = DEFAULT_EHLO,
+        replies: dict[str, bytes] | None = None,
+        port: int = 0,
+    ) -> None:
+        self.ehlo = ehlo
+        self.replies = dict(replies or {})
+        super().__init__(RawConnection, port=port)
 
     def _reply(self, key: str, default: bytes) -> bytes:
         return self.replies.get(key, default)
@@ -228,37 +299,6 @@ class RawUpstream:
                 record.ended = True
                 self._changed.notify_all()
             sock.close()
-
-    def wait_for(
-        self, predicate: Callable[[list[RawConnection]], bool], timeout: float = WAIT_S
-    ) -> None:
-        """Block until ``predicate(connections)`` holds; fail after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while not predicate(self.connections):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"upstream condition not met within {timeout} s")
-                self._changed.wait(left)
-
-    def wait_all_ended(self, count: int = 1, timeout: float = WAIT_S) -> list[RawConnection]:
-        """Wait until at least ``count`` connections came and all of them ended."""
-        self.wait_for(
-            lambda conns: len(conns) >= count and all(conn.ended for conn in conns), timeout
-        )
-        return list(self.connections)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
-        self._acceptor.join(WAIT_S)
-        with self._changed:
-            for sock in self._open:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        for worker in self._threads:
-            worker.join(WAIT_S)
-        assert not any(worker.is_alive() for worker in self._threads), "upstream thread hung"
 
 
 @dataclass
@@ -359,13 +399,7 @@ class ThreadedServer:
             self._ready.set()
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = WAIT_S) -> None:
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"{self.name}: condition not met within {timeout} s")
-                self.changed.wait(left)
+        wait_until(self.changed, predicate, timeout, self.name)
 
     def close(self) -> None:
         loop, stop = self._loop, self._stop

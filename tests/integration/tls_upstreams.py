@@ -15,11 +15,8 @@ readiness is the bound listening socket, never a sleep.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +25,14 @@ from typing import Any
 import trustme
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from integration.recording_upstreams import DEFAULT_EHLO, ThreadedServer
+from integration.recording_upstreams import (
+    DEFAULT_EHLO,
+    PeerClosed,
+    SocketUpstream,
+    ThreadedServer,
+    _LineReader,
+)
 
-WAIT_S = 10.0
-CONNECTION_TIMEOUT_S = 30.0
-ACCEPT_POLL_S = 0.05
-END_OF_DATA = b"\r\n.\r\n"
 STARTTLS_READY = b"220 2.0.0 Ready to start TLS\r\n"
 
 
@@ -88,34 +87,7 @@ class _HandshakeFailed(Exception):
     pass
 
 
-class _Lines:
-    """Lines and DATA sections from a blocking socket, plain or TLS."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def _more(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise EOFError
-        self.buf += chunk
-
-    def line(self) -> bytes:
-        while (end := self.buf.find(b"\n")) < 0:
-            self._more()
-        line, self.buf = self.buf[: end + 1], self.buf[end + 1 :]
-        return line
-
-    def data_section(self) -> bytes:
-        while (found := (b"\r\n" + self.buf).find(END_OF_DATA)) < 0:
-            self._more()
-        end = found + len(END_OF_DATA) - 2
-        section, self.buf = self.buf[:end], self.buf[end:]
-        return section
-
-
-class ScriptedTlsUpstream:
+class ScriptedTlsUpstream(SocketUpstream[TlsConnection]):
     """A scripted SMTP server with STARTTLS or implicit TLS, recording everything.
 
     ``context`` is the server's TLS context (its SNI callback is set here).
@@ -125,6 +97,8 @@ class ScriptedTlsUpstream:
     after it. ``replies`` maps an upper-cased verb (or "." for the end of
     data) to raw reply bytes that replace the usual reply.
     """
+
+    name = "tls-upstream"
 
     def __init__(
         self,
@@ -144,42 +118,13 @@ class ScriptedTlsUpstream:
         self.after_starttls = after_starttls
         self.ehlo = ehlo
         self.replies = dict(replies or {})
-        self.connections: list[TlsConnection] = []
         self._names: list[str | None] = []
-        self._changed = threading.Condition()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._open: list[socket.socket] = []
         context.sni_callback = self._on_server_name
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(ACCEPT_POLL_S)
-        self.port: int = self._listener.getsockname()[1]
-        self._acceptor = threading.Thread(target=self._accept, name="tls-upstream", daemon=True)
-        self._acceptor.start()
+        super().__init__(TlsConnection)
 
     def _on_server_name(self, _conn: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         with self._changed:
             self._names.append(name)
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            sock.settimeout(CONNECTION_TIMEOUT_S)
-            record = TlsConnection()
-            with self._changed:
-                self.connections.append(record)
-                self._open.append(sock)
-                self._changed.notify_all()
-            worker = threading.Thread(
-                target=self._serve, args=(sock, record), name="tls-upstream-conn", daemon=True
-            )
-            self._threads.append(worker)
-            worker.start()
 
     def _handshake(self, sock: socket.socket, record: TlsConnection) -> ssl.SSLSocket:
         try:
@@ -212,7 +157,7 @@ class ScriptedTlsUpstream:
             if self.implicit:
                 sock = self._handshake(sock, record)
                 secure = True
-            lines = _Lines(sock)
+            lines = _LineReader(sock)
             sock.sendall(b"220 tls-upstream.test ESMTP scripted\r\n")
             while True:
                 line = lines.line()
@@ -226,7 +171,7 @@ class ScriptedTlsUpstream:
                     if self.starttls_reply.startswith(b"220"):
                         sock = self._handshake(sock, record)
                         secure = True
-                        lines = _Lines(sock)
+                        lines = _LineReader(sock)
                 elif verb in (b"EHLO", b"HELO"):
                     sock.sendall(self._ehlo_reply(secure))
                 elif verb == b"DATA":
@@ -244,36 +189,13 @@ class ScriptedTlsUpstream:
                 else:
                     refused = b"502 5.5.2 Error: command not recognized\r\n"
                     sock.sendall(self.replies.get(verb.decode("ascii", "replace"), refused))
-        except (_HandshakeFailed, EOFError, OSError):
+        except (_HandshakeFailed, PeerClosed, OSError):
             pass
         finally:
             with self._changed:
                 record.ended = True
                 self._changed.notify_all()
             sock.close()
-
-    def wait_all_ended(self, count: int = 1, timeout: float = WAIT_S) -> list[TlsConnection]:
-        """Wait until at least ``count`` connections came and all of them ended."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while len(self.connections) < count or not all(c.ended for c in self.connections):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"connections did not end within {timeout} s")
-                self._changed.wait(left)
-            return list(self.connections)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
-        self._acceptor.join(WAIT_S)
-        with self._changed:
-            for sock in self._open:
-                with contextlib.suppress(OSError, ValueError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        for worker in self._threads:
-            worker.join(WAIT_S)
-        assert not any(worker.is_alive() for worker in self._threads), "upstream thread hung"
 
 
 @dataclass

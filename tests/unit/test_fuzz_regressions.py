@@ -1,14 +1,14 @@
 """Replays the fuzzing seeds and saved crashes through the fuzz targets.
 
-The targets are plain functions in tests/fuzz/targets.py (the fuzzer only
-wires them to Atheris), so every input that once found a problem, and every
-seed, stays a regression test without the fuzzer installed. See
-tests/fuzz/README.md for how a crash file gets here.
+The targets are plain functions, listed in tests/fuzz/targets.py (the
+fuzzer only wires them to Atheris), so every input that once found a
+problem, and every seed, stays a regression test without the fuzzer
+installed. See tests/fuzz/README.md for how a crash file gets here.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,16 +25,14 @@ CRASHES = FUZZ / "crashes"
 
 
 def _load_targets() -> ModuleType:
-    name = "smtpwarden_fuzz_targets"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, FUZZ / "targets.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """Import the registry ``targets`` as fuzz_core.py does.
+
+    Its modules (``targets_*.py``) import each other by name, so the fuzz
+    directory goes on ``sys.path``.
+    """
+    if str(FUZZ) not in sys.path:
+        sys.path.insert(0, str(FUZZ))
+    return importlib.import_module("targets")
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = _load_targets().TARGETS
