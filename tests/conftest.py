@@ -11,5 +11,7 @@ import os
 from hypothesis import settings
 
 settings.register_profile("default", deadline=None)
+# Properties that cost milliseconds an example cap their own count
+# (tests/unit/strategies.py, ``scaled``), so ``long`` fits the test timeout.
 settings.register_profile("long", max_examples=20_000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
