@@ -76,6 +76,28 @@ CASES: dict[str, Case] = {
         steps=(("EHLO bö.example\r\nNOOP é\r\n".encode(), (b"500 5.5.2", b"500 5.5.2")),),
         never_upstream=("ö".encode(), "é".encode()),
     ),
+    "8-bit-starttls-and-auth": Case(
+        # Refused before the core waits for a handshake or a 334: the
+        # session reads commands again at once.
+        steps=(
+            (
+                "STARTTLS é\r\nAUTH PLAIN é\r\nNOOP\r\n".encode(),
+                (b"500 5.5.2", b"500 5.5.2", b"250"),
+            ),
+        ),
+        never_upstream=("é".encode(), b"AUTH"),
+    ),
+    "8-bit-recipient-with-smtputf8-not-offered": Case(
+        steps=(
+            (
+                b"MAIL FROM:<a@example.org> SMTPUTF8\r\n"
+                + "RCPT TO:<bö@example.net>\r\nRSET\r\n".encode(),
+                (b"250", b"553 5.6.7", b"250"),
+            ),
+        ),
+        never_upstream=("bö".encode(),),
+        outcomes=("aborted",),
+    ),
     "unknown-verbs-and-the-relays-own": Case(
         steps=(
             (
@@ -108,6 +130,26 @@ CASES: dict[str, Case] = {
         never_upstream=(b"DATA",),
         outcomes=("aborted",),
         replies={"RCPT <nobody@example.net>": b"550 5.1.1 No such user\r\n"},
+    ),
+    "rcpt-and-data-right-after-a-message": Case(
+        steps=(
+            (MAIL + RCPT + b"DATA\r\n", (b"250", b"250", b"354")),
+            (
+                b"Subject: x\r\n\r\nx\r\n.\r\nRCPT TO:<second@example.net>\r\nDATA\r\n",
+                (b"250", b"503 5.5.1", b"503 5.5.1"),
+            ),
+        ),
+        never_upstream=(b"second@",),
+        outcomes=("delivered",),
+    ),
+    "rcpt-and-data-after-a-mail-refused-here": Case(
+        steps=(
+            (
+                b"NOOP\r\nMAIL FROM:<a@example.org> SIZE=60000\r\n" + RCPT + b"DATA\r\n",
+                (b"250", b"552 5.3.4", b"503 5.5.1", b"503 5.5.1"),
+            ),
+        ),
+        never_upstream=(b"RCPT", b"DATA"),
     ),
     "bdat-before-mail": Case(
         steps=((b"BDAT 5 LAST\r\nhelloNOOP\r\n", (b"503 5.5.1", b"250")),),
@@ -335,6 +377,37 @@ def test_without_a_minimum_rate_a_drip_keeps_the_session(
         assert time.monotonic() - started > 2.0
         client.expect(250)
         client.command(b"QUIT\r\n", 221)
+
+
+def test_a_pause_between_bdat_chunks_is_the_command_timeouts(
+    start_relay: StartRelay, upstream: RawUpstream
+) -> None:
+    # Between chunks the client is between commands: a pause past
+    # data_block (but within command) is allowed, and the next chunk's
+    # octets are timed from its own BDAT line.
+    relay = start_relay(upstream.config, timeouts={"command": 2.0, "data_block": 1.0})
+    with WireClient(relay.address()) as client:
+        client.start_transaction()
+        client.command(b"BDAT 5\r\nhello", 250)
+        time.sleep(1.5)  # the pause under test
+        client.send(b"BDAT 5 LAST\r\n")
+        time.sleep(0.5)
+        client.command(b"world", 250)
+        client.command(b"QUIT\r\n", 221)
+    (conn,) = upstream.wait_all_ended()
+    assert conn.bdat_messages == [b"helloworld"]
+
+
+def test_bdat_goes_through_with_one_pipelined_command_at_a_time(
+    start_relay: StartRelay, upstream: RawUpstream
+) -> None:
+    relay = start_relay(upstream.config, limits={"max_pipelined_commands": 1})
+    with WireClient(relay.address()) as client:
+        client.start_transaction()
+        client.command(b"BDAT 4 LAST\r\nbody", 250)
+        client.command(b"QUIT\r\n", 221)
+    (conn,) = upstream.wait_all_ended()
+    assert conn.bdat_messages == [b"body"]
 
 
 def test_a_slow_but_steady_client_is_not_cut_off(

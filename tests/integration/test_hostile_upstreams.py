@@ -194,6 +194,22 @@ HOSTILE: dict[str, Hostile] = {
         carries_reply=True,
         phases=END_OF_MESSAGE,
     ),
+    # The owed reply, then a closing 421 in the same read: RFC 5321 3.8's
+    # way to close, relayed as is; but after the end of a message, which of
+    # the two answers it is unknown.
+    "421-after": Hostile(
+        Fault("421-after", extra_after(UPSTREAM_421)),
+        ("upstream_421",),
+        own_421=True,
+        carries_reply=True,
+        phases=("ehlo", "mail", "rcpt"),
+    ),
+    "421-after-the-end": Hostile(
+        Fault("421-after-the-end", extra_after(UPSTREAM_421)),
+        UNSOLICITED,
+        carries_reply=True,
+        phases=END_OF_MESSAGE,
+    ),
     # A stray 250 right before the real answer to the message, a failure.
     "stray-250-then-451": Hostile(
         Fault("stray-250-then-451", send_then_hold(b"250 2.0.0 stray\r\n451 4.3.0 failed\r\n")),
@@ -243,6 +259,7 @@ OUTCOME_OF: dict[tuple[str, str], tuple[str, ...]] = {
     **{(phase, "extra-after"): ("unknown",) for phase in END_OF_MESSAGE},
     # A 250 to the message on its own: it has the message.
     **{(phase, "extra-later"): ("delivered",) for phase in END_OF_MESSAGE},
+    **{(phase, "421-after-the-end"): ("unknown",) for phase in END_OF_MESSAGE},
     # Its two answers contradict each other: not a delivery.
     **{(phase, "stray-250-then-451"): ("deferred", "unknown") for phase in END_OF_MESSAGE},
 }
@@ -575,7 +592,11 @@ def test_a_hostile_upstream_gets_the_client_a_clean_4xx_in_time(
 
 # The faults after which the message's fate is unknown or a failure: the
 # retry path must take over.
-REPLAYED = [name for name in HOSTILE if name != "extra-later"]
+REPLAYED = [
+    name
+    for name, hostile in HOSTILE.items()
+    if set(END_OF_MESSAGE) <= set(hostile.phases) and name != "extra-later"
+]
 RETRY_CASES = [
     pytest.param(phase, name, id=f"{phase}-{name}") for name in REPLAYED for phase in END_OF_MESSAGE
 ]

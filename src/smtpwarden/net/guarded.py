@@ -54,6 +54,7 @@ class GuardedSession(SessionEnd):
     _body_kind: str  # "data" or "bdat" for the message being sent
     _utf8: bool  # SMTPUTF8 was offered to the client's last EHLO
     _utf8_mail: bool  # the transaction's MAIL carried SMTPUTF8
+    _mail_open: bool  # the client sent MAIL since the last RSET, greeting or message end
     _awaiting_end: bool
     _resume_pump: bool
     _quitting: bool
@@ -66,6 +67,8 @@ class GuardedSession(SessionEnd):
     def _new_transaction(self) -> None:
         """MAIL, RSET, EHLO or HELO: what belonged to the last transaction goes."""
         self._recipients = 0
+        self._mail_open = False
+        self._in_body = False  # a chunk refused upstream left its message unended
         self._message_bytes = 0
         self._message_failed = False
         self._utf8_mail = False
@@ -104,7 +107,7 @@ class GuardedSession(SessionEnd):
 
     def _sequence_refusal(self, verb: Verb) -> Reply | None:
         """The reply refusing a RCPT, DATA or BDAT out of sequence; None if it may go on."""
-        why = self.tracker.out_of_sequence(verb, self._recipients)
+        why = self.tracker.out_of_sequence(verb, self._mail_open, self._recipients)
         replies = self.ctx.replies
         match why:
             case None:

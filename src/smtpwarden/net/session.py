@@ -46,14 +46,12 @@ from smtpwarden.protocol.events import (
     Signal,
     Verb,
 )
-from smtpwarden.protocol.extensions import reconcile
 from smtpwarden.protocol.records import Peer, SessionInfo, Tls, Upstream
 from smtpwarden.protocol.replies import Reply, ReplyReader, reply_for
 from smtpwarden.protocol.sequence import reply_fits
 from smtpwarden.protocol.server import ServerConnection
 from smtpwarden.protocol.state import ServerState
 from smtpwarden.protocol.tracker import SessionTracker
-from smtpwarden.protocol.transaction import Awaiting
 
 log = logging.getLogger("smtpwarden.session")
 
@@ -69,6 +67,7 @@ _now = time.monotonic
 AWAITING_END_BUFFER_BYTES = 64 * 1024
 
 _NO_TLS = Tls()
+_READING_BODY = frozenset((ServerState.DATA, ServerState.CHUNK))
 
 
 class Session(UpstreamLeg):
@@ -90,6 +89,7 @@ class Session(UpstreamLeg):
         self._chunking = False  # the upstream offered CHUNKING
         self._utf8 = False  # and SMTPUTF8
         self._utf8_mail = False
+        self._mail_open = False  # the client sent MAIL and has not ended its message
         self._in_body = False  # a message is on its way upstream, not yet ended
         self._body_kind = ""  # "data" or "bdat" for the message being sent
         self._chunk_last = False  # the current BDAT chunk is the LAST one
@@ -159,7 +159,8 @@ class Session(UpstreamLeg):
         self._client_bytes += len(data)
         now = _now()
         rate = self.ctx.config.limits.min_data_rate
-        if rate and (self._in_body or self.core.buffered):
+        core = self.core
+        if rate and (core.buffered or core.state in _READING_BODY):
             # The rest of a line or of a message: each octet buys 1/rate s
             # against the timeout, so a client dripping bytes runs out.
             self._last_client = min(now, self._last_client + len(data) / rate)
@@ -175,7 +176,6 @@ class Session(UpstreamLeg):
             # client's first commands over TLS, kept for after the reset.
             self._early.append(data)
             return
-        core = self.core
         core.receive_data(data)
         self._pump_client()
         if core.buffered:
@@ -239,7 +239,8 @@ class Session(UpstreamLeg):
                 self._refuse(None, event.verb, reply_for(event.error))
             else:
                 self._on_command(event)
-            if self.tracker.awaiting >= limit:
+            if self.tracker.awaiting >= limit and core.state is ServerState.COMMAND:
+                # Never between BDAT and its chunk: the chunk must go first.
                 self.gate.pause(Hold.QUEUE)
                 return
 
@@ -253,8 +254,13 @@ class Session(UpstreamLeg):
         takes_over = False
         refusal = self._command_refusal(command)
         if refusal is not None:
+            # The core moved on reading DATA, AUTH or STARTTLS: back to commands.
             if verb is Verb.DATA:
                 self.core.refuse_data()
+            elif verb is Verb.AUTH:
+                self.core.auth_done()
+            elif verb is Verb.STARTTLS:
+                self.core.refuse_tls()
             self._refuse(command, verb, refusal)
             return
         match verb:
@@ -287,7 +293,8 @@ class Session(UpstreamLeg):
                     self._answer(command, verb, refusal)
                     return
                 self._new_transaction()
-                self._utf8_mail = asks_utf8(command)
+                self._mail_open = True
+                self._utf8_mail = asks_utf8(command) and self._utf8
                 if self._xforward:
                     self._send_xforward()
             case Verb.RCPT:
@@ -365,6 +372,8 @@ class Session(UpstreamLeg):
             self.tracker.chunk_sent(_now())
         if body.done and (self._body_kind == "data" or self._chunk_last):
             self._in_body = False
+            self._mail_open = False  # another message needs another MAIL
+            self._recipients = 0
             self.tracker.end_of_body(_now(), replayable=held is not None)
             if held is not None:
                 # Nothing more is relayed until this message's end is
@@ -409,6 +418,12 @@ class Session(UpstreamLeg):
                 self._upstream_failed(why, "upstream_malformed")
                 return
             entry = tracker.upstream_reply(reply, now)
+            if entry is None and reply.code == 421 and not self.guard.replaying:
+                # RFC 5321 3.8: the upstream is closing, owing nothing more.
+                self._to_client.append(reply.raw)
+                self._abort_upstream()
+                self._end(None, "upstream_421", upstream_failure=reply)
+                return
             if entry is None:
                 why = f"reply nobody asked for: {reply.raw[:80]!r}"
                 self._upstream_failed(why, "upstream_unsolicited")
@@ -451,49 +466,3 @@ class Session(UpstreamLeg):
             self._flush()
         if self.ctx.draining:
             self.drain()
-
-    def _on_reply(self, entry: Awaiting, reply: Reply) -> None:
-        out = self._to_client
-        if entry.hidden:
-            if reply.code // 100 != 2:
-                log.info(
-                    "session %s: %s refused: %s",
-                    self.tracker.info.session_id,
-                    entry.name,
-                    reply.raw[:80],
-                )
-            return
-        match entry.verb:
-            case Verb.EHLO:
-                policy = self.extension_policy
-                data, offered = reconcile(reply, policy)
-                self._chunking = "CHUNKING" in offered and policy.chunking
-                self._utf8 = "SMTPUTF8" in offered
-                self._upstream_offers(offered)
-                out.append(data)
-            case Verb.DATA:
-                out.append(reply.raw)
-                if reply.code == 354:
-                    self.core.start_data()
-                else:
-                    self._in_body = False
-                    self.core.refuse_data()
-                self.gate.resume(Hold.VERDICT)
-                self._resume_pump = True
-            case None if entry.name == "CONNECT":
-                out.append(reply.raw)
-                self.gate.resume(Hold.CONNECT)
-                self._resume_pump = True
-            case Verb.AUTH:
-                out.append(reply.raw)
-                self._auth_reply(reply)
-                self.gate.resume(Hold.VERDICT)
-                self._resume_pump = True
-            case Verb.RCPT if entry.takes_over:
-                out.append(self.ctx.replies.taken_over.raw)
-            case _:
-                out.append(self.ctx.replies.contradicted.raw if entry.contradicted else reply.raw)
-                if entry.body is not None:
-                    self._release_held()
-                elif entry.verb is Verb.BDAT and reply.code // 100 != 2:
-                    self.guard.release()  # RFC 3030 4.2: the transaction failed

@@ -11,7 +11,11 @@ loop as the connection opens.
 
 XFORWARD, Postfix's per-transaction alternative, is sent before each MAIL
 when the upstream offers it, it is configured, and XCLIENT was not used;
-its reply is the relay's own, never the client's.
+its reply is the relay's own, never the client's (but for a closing 421).
+
+The upstream's replies are checked as they come (``_owes``) and each is
+handed to the client as its command asks (``_on_reply``): the EHLO reply
+reconciled, a 354 turning the client's next octets into the message.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from smtpwarden.net.secure import SecureSession
 from smtpwarden.net.tls import describe, server_name, starttls_policy
 from smtpwarden.net.upstream import Target, connect
 from smtpwarden.protocol.errors import MalformedReply
-from smtpwarden.protocol.extensions import Extensions
+from smtpwarden.protocol.events import Verb
+from smtpwarden.protocol.extensions import Extensions, reconcile
 from smtpwarden.protocol.identity import xclient_command, xforward_command
 from smtpwarden.protocol.preamble import Action, Done, Fail, Send, StartTls, UpstreamPreamble
 from smtpwarden.protocol.records import Upstream
 from smtpwarden.protocol.replies import Reply, ReplyReader
+from smtpwarden.protocol.transaction import Awaiting
 
 log = logging.getLogger("smtpwarden.session")
 
@@ -171,6 +177,9 @@ class UpstreamLeg(SecureSession):
     def upstream_drained(self) -> None:
         """The upstream's write buffer drained below its low-water mark."""
         self.gate.resume(Hold.FLOW)
+        # The client waited on the upstream meanwhile: not its time.
+        now = _now()
+        self._last_client = min(now, self._last_client + (now - self._stalled_since))
 
     def _upstream_failed(self, why: str, reason: str) -> None:
         log.warning(
@@ -195,14 +204,65 @@ class UpstreamLeg(SecureSession):
 
         Which of them answers what is then unknown: none is relayed (a stray
         250 just before the real 451 to a message must never pass for its
-        answer). A closing 421 past the end is RFC 5321 3.8's, not a stray.
+        answer). A closing 421 past the end is RFC 5321 3.8's, not a stray,
+        unless the end of a message is owed: then which is its answer is
+        unknown too.
         """
-        extra = len(replies) - self.tracker.owed
-        if extra <= 0 or (extra == 1 and replies[-1].code == 421):
+        owed, message_end = self.tracker.owed()
+        extra = len(replies) - owed
+        if extra <= 0 or (extra == 1 and replies[-1].code == 421 and not message_end):
             return True
         why = f"{extra} replies nobody asked for, with {replies[-1].raw[:80]!r}"
         self._upstream_failed(why, "upstream_unsolicited")
         return False
+
+    def _on_reply(self, entry: Awaiting, reply: Reply) -> None:
+        out = self._to_client
+        if entry.hidden:
+            if reply.code == 421:
+                out.append(reply.raw)  # the upstream is closing: the client hears it
+            if reply.code // 100 != 2:
+                log.info(
+                    "session %s: %s refused: %s",
+                    self.tracker.info.session_id,
+                    entry.name,
+                    reply.raw[:80],
+                )
+            return
+        match entry.verb:
+            case Verb.EHLO:
+                policy = self.extension_policy
+                data, offered = reconcile(reply, policy)
+                self._chunking = "CHUNKING" in offered and policy.chunking
+                self._utf8 = "SMTPUTF8" in offered
+                self._upstream_offers(offered)
+                out.append(data)
+            case Verb.DATA:
+                out.append(reply.raw)
+                if reply.code == 354:
+                    self.core.start_data()
+                else:
+                    self._in_body = False
+                    self.core.refuse_data()
+                self.gate.resume(Hold.VERDICT)
+                self._resume_pump = True
+            case None if entry.name == "CONNECT":
+                out.append(reply.raw)
+                self.gate.resume(Hold.CONNECT)
+                self._resume_pump = True
+            case Verb.AUTH:
+                out.append(reply.raw)
+                self._auth_reply(reply)
+                self.gate.resume(Hold.VERDICT)
+                self._resume_pump = True
+            case Verb.RCPT if entry.takes_over:
+                out.append(self.ctx.replies.taken_over.raw)
+            case _:
+                out.append(self.ctx.replies.contradicted.raw if entry.contradicted else reply.raw)
+                if entry.body is not None:
+                    self._release_held()
+                elif entry.verb is Verb.BDAT and reply.code // 100 != 2:
+                    self.guard.release()  # RFC 3030 4.2: the transaction failed
 
     # -- the preamble ------------------------------------------------------------
 

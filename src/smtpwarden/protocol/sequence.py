@@ -37,28 +37,33 @@ def out_of_sequence(
     transaction: Transaction | None,
     pending: Iterable[Awaiting],
     body_kind: str | None,
+    mail_open: bool,
     recipients_sent: int,
 ) -> OutOfSequence | None:
     """Why ``verb`` may not be relayed now; None when it may (or cannot be known yet).
 
     ``transaction`` is the open one (its MAIL was accepted), ``pending`` the
     commands still awaiting their reply, ``body_kind`` how the message of the
-    client's latest MAIL is being sent ("data", "bdat" or None), and
-    ``recipients_sent`` how many RCPTs the client sent since that MAIL.
+    client's latest MAIL is being sent ("data", "bdat" or None). The last two
+    are what the client sent, replies aside: ``mail_open``, a MAIL since the
+    last RSET, greeting or end of message; ``recipients_sent``, the RCPTs
+    relayed since that MAIL.
     """
-    waiting = {entry.verb for entry in pending}
-    if Verb.MAIL not in waiting and transaction is None:
+    if not mail_open:
         return OutOfSequence.NEED_MAIL
-    if verb is Verb.RCPT:
-        return None
     if verb is Verb.DATA and body_kind == "bdat":
         return OutOfSequence.DATA_AFTER_BDAT
-    if not recipients_sent:
+    if verb is not Verb.RCPT and not recipients_sent:
         return OutOfSequence.NEED_RCPT
+    if transaction is not None and (verb is Verb.RCPT or transaction.accepted):
+        return None  # the usual case, decided without looking at the queue
+    waiting = {entry.verb for entry in pending if entry.local is None}
+    if transaction is None:
+        # The MAIL was refused, unless its reply is still on its way.
+        return None if Verb.MAIL in waiting else OutOfSequence.NEED_MAIL
     if Verb.MAIL in waiting or Verb.RCPT in waiting:
         return None
-    assert transaction is not None  # noqa: S101 - no MAIL pending means one is open
-    return None if transaction.accepted else OutOfSequence.NO_VALID_RECIPIENTS
+    return OutOfSequence.NO_VALID_RECIPIENTS
 
 
 def reply_fits(verb: Verb | None, name: str, code: int) -> bool:

@@ -107,10 +107,10 @@ class SessionTracker:
         """Number of commands still waiting for a reply."""
         return len(self._queue)
 
-    @property
-    def owed(self) -> int:
-        """Replies the upstream still owes: commands sent and not yet answered."""
-        return sum(entry.local is None for entry in self._queue)
+    def owed(self) -> tuple[int, bool]:
+        """Replies the upstream still owes, and whether one answers a message's end."""
+        owed = [entry for entry in self._queue if entry.local is None]
+        return len(owed), any(entry.body is not None for entry in owed)
 
     def oldest(self) -> Awaiting | None:
         """The command whose reply comes next, if any."""
@@ -125,9 +125,10 @@ class SessionTracker:
         """True between an accepted MAIL and the transaction's end."""
         return self._tx is not None
 
-    def out_of_sequence(self, verb: Verb, recipients_sent: int) -> OutOfSequence | None:
+    def out_of_sequence(self, verb: Verb, mail_open: bool, recipients: int) -> OutOfSequence | None:
         """Why RCPT, DATA or BDAT may not be relayed now; see ``protocol.sequence``."""
-        return out_of_sequence(verb, self._tx, self._queue, self._body_kind, recipients_sent)
+        tx, queue, kind = self._tx, self._queue, self._body_kind
+        return out_of_sequence(verb, tx, queue, kind, mail_open, recipients)
 
     # -- client to upstream --------------------------------------------------
 
@@ -280,8 +281,6 @@ class SessionTracker:
             upstream_bytes=upstream_bytes,
             duration_ms=round((now - self.started_at) * 1000, 3),
         )
-
-    # -- internals -----------------------------------------------------------
 
     def _end_unanswered(
         self, failure: ReplyInfo | None, sent: tuple[int, str] | None, now: float
