@@ -11,7 +11,7 @@ import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -102,17 +102,23 @@ def test_required_tls_refuses_mail_before_starttls(
     assert mail.startswith(b"mail FROM:<a@example.org>")
 
 
+def greet(raw: socket.socket) -> BinaryIO:
+    """Read the banner, say EHLO and read its reply; return the reader."""
+    reader = raw.makefile("rb")
+    assert reader.readline().startswith(b"220")
+    raw.sendall(b"EHLO client.test\r\n")
+    while not reader.readline().startswith(b"250 "):
+        pass
+    return reader
+
+
 def test_commands_pipelined_after_starttls_are_discarded(
     start_relay: StartRelay, upstream: RawUpstream, pki: Pki
 ) -> None:
     relay = tls_relay(start_relay, upstream, pki)
     host, port = relay.address()
     with socket.create_connection((host, port), timeout=WAIT_S) as raw:
-        reader = raw.makefile("rb")
-        assert reader.readline().startswith(b"220")
-        raw.sendall(b"EHLO client.test\r\n")
-        while not reader.readline().startswith(b"250 "):
-            pass
+        reader = greet(raw)
         # RFC 3207 5: the injected MAIL must never be executed.
         raw.sendall(b"STARTTLS\r\nMAIL FROM:<injected@example.org>\r\n")
         assert reader.readline().startswith(b"220 2.0.0")
@@ -200,11 +206,7 @@ def test_no_starttls_injection_is_ever_executed(
     relay = tls_relay(start_relay, upstream, pki)
     host, port = relay.address()
     with socket.create_connection((host, port), timeout=WAIT_S) as raw:
-        reader = raw.makefile("rb")
-        assert reader.readline().startswith(b"220")
-        raw.sendall(b"EHLO client.test\r\n")
-        while not reader.readline().startswith(b"250 "):
-            pass
+        reader = greet(raw)
         raw.sendall(b"STARTTLS\r\n")
         if variant == "mail-in-the-write-after-starttls":
             raw.sendall(injected)  # before the 220 is read

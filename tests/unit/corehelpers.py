@@ -52,23 +52,28 @@ def summarize_server(chunks: list[bytes], *, accept_data: bool = True) -> list[S
                         conn.refuse_data()
                     continue
                 break
-            if isinstance(event, Body):
-                data = bytes(event.data)
-                if not data:
-                    pass
-                elif out and out[-1][0] == "body":
-                    out[-1] = ("body", out[-1][1] + data)
-                else:
-                    out.append(("body", data))
-                if event.done:
-                    out.append(("done", b""))
-            elif isinstance(event, AuthResponse):
-                out.append(("response", event.line))
-            elif isinstance(event, BadCommand):
-                out.append(("bad", event.error.reply_bytes()))
-            elif isinstance(event, Command):
-                out.append((event.verb.value, event.line))
+            describe(out, event)
     return out
+
+
+def describe(out: list[Summary], event: object) -> None:
+    """Add ``event`` to ``out``; a Body is merged with the body before it."""
+    if isinstance(event, Body):
+        data = bytes(event.data)
+        if not data:
+            pass
+        elif out and out[-1][0] == "body":
+            out[-1] = ("body", out[-1][1] + data)
+        else:
+            out.append(("body", data))
+        if event.done:
+            out.append(("done", b""))
+    elif isinstance(event, AuthResponse):
+        out.append(("response", event.line))
+    elif isinstance(event, BadCommand):
+        out.append(("bad", event.error.reply_bytes()))
+    elif isinstance(event, Command):
+        out.append((event.verb.value, event.line))
 
 
 def read_replies(chunks: list[bytes], **limits: int) -> list[Reply]:

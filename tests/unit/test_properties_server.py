@@ -7,15 +7,11 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from corehelpers import summarize_server
+from corehelpers import describe, summarize_server
 from smtpwarden.protocol.errors import RemoteProtocolError
 from smtpwarden.protocol.events import (
     NEED_DATA,
     PAUSED,
-    AuthResponse,
-    BadCommand,
-    Body,
-    Command,
 )
 from smtpwarden.protocol.server import ServerConnection
 from smtpwarden.protocol.state import ServerState
@@ -59,20 +55,8 @@ def run(chunks: list[bytes], verdicts: list[bool]) -> Summary:
                 else:
                     conn.refuse_tls()
                 out.append(("verdict", b"yes" if yes else b"no"))
-            elif isinstance(event, Body):
-                data = bytes(event.data)
-                if data and out and out[-1][0] == "body":
-                    out[-1] = ("body", out[-1][1] + data)
-                elif data:
-                    out.append(("body", data))
-                if event.done:
-                    out.append(("done", b""))
-            elif isinstance(event, AuthResponse):
-                out.append(("response", event.line))
-            elif isinstance(event, BadCommand):
-                out.append(("bad", event.error.reply_bytes()))
-            elif isinstance(event, Command):
-                out.append((event.verb.value, event.line))
+            else:
+                describe(out, event)
     return out
 
 
