@@ -322,14 +322,16 @@ UPSTREAM = {"host": "mta.test", "port": 25}
         ),
         pytest.param(
             {"colour": "blue"},
-            "colour: unknown key (known keys: event_loop, hostname, workers, listeners, upstreams, "
-            "routes, retry, health, spool, limits, timeouts, shutdown, log, http, transcripts)",
+            "colour: unknown key (known keys: event_loop, hostname, workers, reuse_port, "
+            "listeners, upstreams, routes, retry, health, spool, limits, timeouts, shutdown, log, "
+            "http, transcripts)",
             id="unknown-key-listed",
         ),
         pytest.param(
             {7: "x"},
-            "7: unknown key (known keys: event_loop, hostname, workers, listeners, upstreams, "
-            "routes, retry, health, spool, limits, timeouts, shutdown, log, http, transcripts)",
+            "7: unknown key (known keys: event_loop, hostname, workers, reuse_port, listeners, "
+            "upstreams, routes, retry, health, spool, limits, timeouts, shutdown, log, http, "
+            "transcripts)",
             id="unknown-key-not-a-string",
         ),
         pytest.param(

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -76,10 +77,15 @@ class ControlServer:
         self._serving: set[asyncio.Task[None]] = set()
         self._per_address: dict[str, int] = {}
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
         """Bind and serve; raises OSError if the address cannot be bound."""
         self._server = await asyncio.start_server(
-            self._serve, host, port, limit=MAX_REQUEST_BYTES, reuse_address=True
+            self._serve,
+            host,
+            port,
+            limit=MAX_REQUEST_BYTES,
+            reuse_address=True,
+            reuse_port=reuse_port and hasattr(socket, "SO_REUSEPORT"),
         )
 
     def address(self) -> tuple[str, int]:
@@ -211,9 +217,17 @@ async def _send(writer: asyncio.StreamWriter, response: Response, *, head_only: 
 
 
 async def open_endpoint(
-    host: str, port: int, routes: Mapping[str, Handler], *, serving: str, without: str
+    host: str,
+    port: int,
+    routes: Mapping[str, Handler],
+    *,
+    serving: str,
+    without: str,
+    reuse_port: bool = False,
 ) -> ControlServer | None:
     """Serve ``routes`` on host:port; None if the address cannot be bound.
+
+    ``reuse_port``: bind with SO_REUSEPORT, as the listeners do.
 
     That failure is logged, never raised: metrics and probes must not keep
     mail from being relayed. ``serving`` names what is served in the log
@@ -222,7 +236,7 @@ async def open_endpoint(
     """
     server = ControlServer(routes)
     try:
-        await server.start(host, port)
+        await server.start(host, port, reuse_port=reuse_port)
     except OSError as error:
         log.error(
             "HTTP endpoint on %s:%s not started: %s; %s runs without it", host, port, error, without

@@ -28,6 +28,7 @@ import itertools
 import logging
 import secrets
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -386,7 +387,9 @@ def run_relay(
     factory, loop_name = loop_factory(config.event_loop)
 
     async def main() -> int:
-        relay = Relay(config, reuse_port=worker, recover_spool=not worker)
+        # SO_REUSEPORT where the system has it (not on Windows).
+        reuse_port = worker or (config.reuse_port and hasattr(socket, "SO_REUSEPORT"))
+        relay = Relay(config, reuse_port=reuse_port, recover_spool=not worker)
         loop = asyncio.get_running_loop()
         # Before the listeners log that they are up: SIGHUP's default action
         # would end the process, and a reload then reaches every listener

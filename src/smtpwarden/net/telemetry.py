@@ -87,7 +87,12 @@ class Telemetry:
         http = self._config.http
         routes = {"/metrics": self._scrape, "/healthz": self._alive, "/readyz": self._ready}
         self.server = await open_endpoint(
-            http.host, http.port, routes, serving="metrics", without="the relay"
+            http.host,
+            http.port,
+            routes,
+            serving="metrics",
+            without="the relay",
+            reuse_port=self._config.reuse_port,
         )
 
     async def stop(self) -> None:

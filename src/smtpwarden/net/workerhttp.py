@@ -99,9 +99,15 @@ class SupervisorEndpoint:
     """
 
     def __init__(
-        self, http: HttpConfig, workers: Sequence[WorkerView], stopping: Callable[[], bool]
+        self,
+        http: HttpConfig,
+        workers: Sequence[WorkerView],
+        stopping: Callable[[], bool],
+        *,
+        reuse_port: bool = False,
     ) -> None:
         self._http = http
+        self._reuse_port = reuse_port
         self._workers = workers
         self._stopping = stopping
         self.server: ControlServer | None = None
@@ -152,6 +158,7 @@ class SupervisorEndpoint:
             routes,
             serving="HTTP endpoint for every worker",
             without="each worker",
+            reuse_port=self._reuse_port,
         )
 
     async def close(self) -> None:

@@ -123,7 +123,10 @@ class Supervisor:
                 )
             if self.config.http.enabled:
                 self.endpoint = SupervisorEndpoint(
-                    self.config.http, self.slots, lambda: self.stopping
+                    self.config.http,
+                    self.slots,
+                    lambda: self.stopping,
+                    reuse_port=self.config.reuse_port,
                 )
                 await self.endpoint.start()
             keepers = [loop.create_task(self._keep(slot)) for slot in self.slots]
