@@ -101,6 +101,11 @@ class SecureSession(GuardedSession):
     def _open(self, host: str) -> None:
         """The connection is in: wait for its PROXY header, or admit it."""
         self._opening_since = _now()
+        if not host:
+            # uvloop has no peer name for a client that reset before this
+            # callback: it is gone already, whatever its address was.
+            self._refuse_silently("client_lost")
+            return
         proxy = self.ctx.listener.proxy_protocol
         if proxy is None:
             self._admit()
