@@ -188,9 +188,9 @@ class Config:
     # Relay processes sharing the listeners (SO_REUSEPORT); "auto" is
     # resolved when the configuration is read. 1: the relay runs alone.
     workers: int = 1
-    # Listeners and the HTTP endpoint bind with SO_REUSEPORT, so that a new
-    # relay can start on the same ports while the old one drains.
-    reuse_port: bool = True
+    # Listeners bind with SO_REUSEPORT, so that a new relay can start on the
+    # same ports while the old one drains (Linux). Off: a port in use is an error.
+    reuse_port: bool = False
     listeners: tuple[ListenerConfig, ...]
     upstreams: tuple[UpstreamConfig, ...]
     routes: tuple[RouteConfig, ...]  # every listener is matched by exactly one
@@ -302,7 +302,7 @@ def parse_config(data: object, *, source: str) -> Config:
     event_loop: EventLoop = check.value(top, "event_loop", "", _EVENT_LOOP, "auto")
     hostname = check.value(top, "hostname", "", _DOMAIN, "") or socket.getfqdn()
     workers = read_workers(check, top)
-    reuse_port = check.value(top, "reuse_port", "", _FLAG, True)
+    reuse_port = check.value(top, "reuse_port", "", _FLAG, False)
     upstreams, upstream_names = read_upstreams(check, top)
     listeners, listener_names = read_listeners(check, top, upstream_names)
     routes = read_routes(check, top, listener_names, upstream_names)

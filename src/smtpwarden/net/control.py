@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import http
 import logging
-import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -38,6 +38,8 @@ MAX_REQUEST_BYTES: Final = 8192
 # a scrape after its default scrape_timeout, 10 s.
 READ_TIMEOUT_S: Final = 3.0  # a request head comes in one packet; a slow one holds a slot
 WRITE_TIMEOUT_S: Final = 10.0
+# How often an endpoint whose address is in use tries again (start_when_free).
+BIND_RETRY_S: Final = 1.0
 # Our choice: a few scrapers and probes at once. Past it a new connection is
 # closed unanswered, so a client that opens many cannot hold the relay's memory.
 MAX_CONNECTIONS: Final = 32
@@ -76,17 +78,40 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._serving: set[asyncio.Task[None]] = set()
         self._per_address: dict[str, int] = {}
+        self._binding: asyncio.Task[None] | None = None  # see ``start_when_free``
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+    async def start(self, host: str, port: int) -> None:
         """Bind and serve; raises OSError if the address cannot be bound."""
         self._server = await asyncio.start_server(
-            self._serve,
-            host,
-            port,
-            limit=MAX_REQUEST_BYTES,
-            reuse_address=True,
-            reuse_port=reuse_port and hasattr(socket, "SO_REUSEPORT"),
+            self._serve, host, port, limit=MAX_REQUEST_BYTES, reuse_address=True
         )
+
+    def start_when_free(self, host: str, port: int, serving: str) -> None:
+        """Try to bind again every ``BIND_RETRY_S`` until the address is free.
+
+        For a relay that took over the ports of one still draining: the
+        listeners share their ports, the endpoint does not (its answers
+        would alternate between the two processes), so it waits its turn.
+        """
+        self._binding = asyncio.get_running_loop().create_task(
+            self._bind_when_free(host, port, serving)
+        )
+
+    async def _bind_when_free(self, host: str, port: int, serving: str) -> None:
+        while self._server is None:
+            await asyncio.sleep(BIND_RETRY_S)
+            try:
+                await self.start(host, port)
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    log.error("HTTP endpoint on %s:%s not started: %s", host, port, error)
+                    return
+        _log_address(self, serving)
+
+    @property
+    def bound(self) -> bool:
+        """True once the endpoint serves."""
+        return self._server is not None
 
     def address(self) -> tuple[str, int]:
         """The bound address (useful with port 0); raises RuntimeError before ``start``."""
@@ -97,6 +122,8 @@ class ControlServer:
 
     async def close(self) -> None:
         """Stop accepting, end the exchanges under way, and wait for them."""
+        if self._binding is not None:
+            self._binding.cancel()
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -223,26 +250,37 @@ async def open_endpoint(
     *,
     serving: str,
     without: str,
-    reuse_port: bool = False,
+    wait_if_busy: bool = False,
 ) -> ControlServer | None:
     """Serve ``routes`` on host:port; None if the address cannot be bound.
-
-    ``reuse_port``: bind with SO_REUSEPORT, as the listeners do.
 
     That failure is logged, never raised: metrics and probes must not keep
     mail from being relayed. ``serving`` names what is served in the log
     line with the address ("metrics on http://..."), ``without`` what runs
-    without the endpoint.
+    without the endpoint. ``wait_if_busy`` (``reuse_port``): an address in
+    use is taken once it is free (``ControlServer.start_when_free``).
     """
     server = ControlServer(routes)
     try:
-        await server.start(host, port, reuse_port=reuse_port)
+        await server.start(host, port)
     except OSError as error:
+        if wait_if_busy and error.errno == errno.EADDRINUSE:
+            log.info(
+                "HTTP endpoint on %s:%s in use (a relay draining?): serving it once it is free",
+                host,
+                port,
+            )
+            server.start_when_free(host, port, serving)
+            return server
         log.error(
             "HTTP endpoint on %s:%s not started: %s; %s runs without it", host, port, error, without
         )
         return None
+    _log_address(server, serving)
+    return server
+
+
+def _log_address(server: ControlServer, serving: str) -> None:
     bound, bound_port = server.address()
     shown = f"[{bound}]" if ":" in bound else bound
     log.info("%s on http://%s:%s/metrics", serving, shown, bound_port)
-    return server

@@ -48,15 +48,17 @@ class Reservation:
         self.ports: dict[str, int] = {}
         self._sockets: list[socket.socket] = []
 
-    def reserve(self, listeners: Iterable[ListenerConfig]) -> None:
+    def reserve(self, listeners: Iterable[ListenerConfig], *, exclusive: bool = True) -> None:
         """Reserve every listener's addresses; raises OSError naming the listener.
 
+        ``exclusive``: a port some other process listens on, even with
+        SO_REUSEPORT, is an error (``reuse_port: false``), not a share.
         On error nothing stays reserved.
         """
         try:
             for listener in listeners:
                 try:
-                    port, sockets = _reserve(listener.host, listener.port)
+                    port, sockets = _reserve(listener.host, listener.port, exclusive)
                 except OSError as error:
                     shown = f"[{listener.host}]" if ":" in listener.host else listener.host
                     raise OSError(
@@ -88,9 +90,17 @@ def _addresses(host: str, port: int) -> list[_Address]:
     return found
 
 
-def _reserve(host: str, port: int) -> tuple[int, list[socket.socket]]:
+def _reserve(host: str, port: int, exclusive: bool) -> tuple[int, list[socket.socket]]:
     """Bind every address of ``host`` on ``port`` (0: one free port for all)."""
     addresses = _addresses(host, port)
+    if exclusive and port:
+        for family, address in addresses:
+            # Without SO_REUSEPORT a bind fails wherever anyone listens.
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
     for attempt in range(PORT_TRIES):
         sockets: list[socket.socket] = []
         chosen = port

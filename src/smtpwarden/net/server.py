@@ -28,8 +28,8 @@ import itertools
 import logging
 import secrets
 import signal
-import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -108,9 +108,10 @@ class Relay:
 
     def http_address(self) -> tuple[str, int] | None:
         """The address of the HTTP endpoint; None when it is off or not bound."""
-        if self.telemetry is None or self.telemetry.server is None:
+        server = None if self.telemetry is None else self.telemetry.server
+        if server is None or not server.bound:
             return None
-        return self.telemetry.server.address()
+        return server.address()
 
     async def start(self) -> None:
         """Start sinks and listeners; raises OSError if a port cannot be bound."""
@@ -387,8 +388,9 @@ def run_relay(
     factory, loop_name = loop_factory(config.event_loop)
 
     async def main() -> int:
-        # SO_REUSEPORT where the system has it (not on Windows).
-        reuse_port = worker or (config.reuse_port and hasattr(socket, "SO_REUSEPORT"))
+        # Linux's SO_REUSEPORT spreads connections over the processes bound
+        # to a port; elsewhere the option means something else.
+        reuse_port = worker or (config.reuse_port and sys.platform.startswith("linux"))
         relay = Relay(config, reuse_port=reuse_port, recover_spool=not worker)
         loop = asyncio.get_running_loop()
         # Before the listeners log that they are up: SIGHUP's default action

@@ -92,7 +92,7 @@ class Telemetry:
             routes,
             serving="metrics",
             without="the relay",
-            reuse_port=self._config.reuse_port,
+            wait_if_busy=self._config.reuse_port,
         )
 
     async def stop(self) -> None:

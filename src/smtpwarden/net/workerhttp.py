@@ -158,7 +158,7 @@ class SupervisorEndpoint:
             routes,
             serving="HTTP endpoint for every worker",
             without="each worker",
-            reuse_port=self._reuse_port,
+            wait_if_busy=self._reuse_port,
         )
 
     async def close(self) -> None:

@@ -106,7 +106,9 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
             try:
-                self.reservation.reserve(self.config.listeners)
+                self.reservation.reserve(
+                    self.config.listeners, exclusive=not self.config.reuse_port
+                )
                 self._recover_spool()
             except (OSError, SpoolError) as error:
                 log.error("cannot start: %s", error)
