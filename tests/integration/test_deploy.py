@@ -101,12 +101,17 @@ def test_the_pods_drain_before_they_are_killed(kustomization: Path, tmp_path: Pa
     (config_map,) = (r for r in resources if r["kind"] == "ConfigMap")
     pod = statefulset["spec"]["template"]["spec"]
     config = yaml.safe_load(config_map["data"]["smtpwarden.yaml"])
-    # SIGTERM, then shutdown.grace for sessions in a transaction, then the
-    # kubelet's SIGKILL: the grace must end first, with room to spare.
-    assert config["shutdown"]["grace"] + 10 <= pod["terminationGracePeriodSeconds"]
+    # The preStop pause, SIGTERM, shutdown.grace for sessions in a
+    # transaction, then the kubelet's SIGKILL: the grace must end first.
+    (container,) = pod["containers"]
+    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pause + config["shutdown"]["grace"] + 10 <= pod["terminationGracePeriodSeconds"]
+    # The disruption budget covers these very pods.
+    (budget,) = (r for r in resources if r["kind"] == "PodDisruptionBudget")
+    labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
     # Probes and the ServiceMonitor reach the HTTP endpoint on the pod's address.
     assert config["http"]["host"] == "0.0.0.0"  # noqa: S104 - the pod's own address
-    (container,) = pod["containers"]
     assert {"name": "http", "containerPort": config["http"]["port"]} in container["ports"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"

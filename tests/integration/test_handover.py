@@ -172,17 +172,21 @@ def test_a_new_relay_takes_over_the_port_while_the_old_one_drains(
     assert sum(r["type"] == "session" for r in read_records(new.log)) >= 20
 
 
+def lone_relay(port: int, upstream: RawUpstream) -> dict[str, object]:
+    """The configuration of a relay on ``port`` with no HTTP endpoint."""
+    return {
+        "listeners": [{"host": "127.0.0.1", "port": port}],
+        "upstreams": [upstream.config],
+        "health": {"check_interval": 0},
+        "http": {"enabled": False},
+    }
+
+
 def test_without_reuse_port_a_second_relay_cannot_start(
     tmp_path: Path, raw_upstream: RawUpstream, processes: list[RelayProcess]
 ) -> None:
     port = free_port()
-    config: dict[str, object] = {
-        "listeners": [{"host": "127.0.0.1", "port": port}],
-        "upstreams": [raw_upstream.config],
-        "health": {"check_interval": 0},
-        "http": {"enabled": False},
-        "reuse_port": False,
-    }
+    config = {**lone_relay(port, raw_upstream), "reuse_port": False}
     first = RelayProcess(tmp_path, "first", config)
     processes.append(first)
     first.wait_running()
@@ -200,12 +204,7 @@ def test_without_reuse_port_workers_do_not_join_a_shared_port(
     # The supervisor reserves its ports with SO_REUSEPORT for its workers;
     # with reuse_port off, a port another relay already shares is an error.
     port = free_port()
-    config: dict[str, object] = {
-        "listeners": [{"host": "127.0.0.1", "port": port}],
-        "upstreams": [raw_upstream.config],
-        "health": {"check_interval": 0},
-        "http": {"enabled": False},
-    }
+    config = lone_relay(port, raw_upstream)
     sharing = RelayProcess(tmp_path, "sharing", {**config, "reuse_port": True})
     processes.append(sharing)
     sharing.wait_running()
