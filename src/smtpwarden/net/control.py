@@ -122,8 +122,11 @@ class ControlServer:
 
     async def close(self) -> None:
         """Stop accepting, end the exchanges under way, and wait for them."""
-        if self._binding is not None:
-            self._binding.cancel()
+        binding, self._binding = self._binding, None
+        if binding is not None:
+            binding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await binding
         server, self._server = self._server, None
         if server is not None:
             server.close()
