@@ -462,6 +462,7 @@ def test_recover_skips_cleanup_while_another_process_has_the_spool(
     with Spool(tmp_path / "spool"):
         report = spool.recover(wait=0.05)
         assert not report.cleaned
+        assert report.summary().endswith("(no cleanup: another process has the spool open)")
         assert [e.queue_id for e in report.resume] == [queue_id]
         assert leftover.exists()
     assert spool.recover(wait=0.05).temp_removed == 1

@@ -54,10 +54,13 @@ class RecoveryReport:
 
     def summary(self) -> str:
         """One line for the log: what recovery found."""
-        return (
+        found = (
             f"{len(self.resume)} to resume, {self.held} held, {self.dead} dead,"
             f" {len(self.quarantined)} quarantined"
         )
+        if not self.cleaned:
+            return found + " (no cleanup: another process has the spool open)"
+        return found
 
 
 def _split(name: str) -> tuple[str, str] | None:
