@@ -19,6 +19,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,20 +56,39 @@ def require_tool(name: str) -> str:
     pytest.skip(message)
 
 
-def wait_for_banner(port: int, deadline: float, process: subprocess.Popen[bytes]) -> bool:
-    """Connect until a 220 banner arrives; False if the process exited first."""
+def wait_for_banner(
+    port: int,
+    deadline: float,
+    process: subprocess.Popen[bytes],
+    *,
+    preamble: bytes = b"",
+    what: str = "",
+    diagnostics: Callable[[], str] = str,
+) -> bool:
+    """Connect until a 220 banner arrives; False if the process exited first.
+
+    ``preamble`` is sent first on each connection (a PROXY header);
+    ``what`` and ``diagnostics()`` go into the error raised at the deadline.
+    """
+    last = ""
     while time.monotonic() < deadline:
         if process.poll() is not None:
             return False
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1.0) as probe:
-                if probe.recv(512).startswith(b"220"):
+                if preamble:
+                    probe.sendall(preamble)
+                banner = probe.recv(512)
+                if banner.startswith(b"220"):
                     probe.sendall(b"QUIT\r\n")
                     return True
-        except OSError:
-            pass
+                last = repr(banner)
+        except OSError as error:
+            last = str(error)
         time.sleep(POLL_S)
-    raise AssertionError(f"no 220 banner on port {port} within {START_TIMEOUT_S} s")
+    raise AssertionError(
+        f"no 220 banner{what} on port {port} before the deadline (last: {last})\n{diagnostics()}"
+    )
 
 
 _COUNTER = re.compile(rb"sess=(\d+) quit=(\d+) mesg=(\d+)")

@@ -51,7 +51,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import cast
 
-from integration.external_tools import require_tool
+from integration.external_tools import require_tool, wait_for_banner
 from integration.relay_harness import POLL_S, free_port
 
 HOST = "127.0.0.1"
@@ -60,7 +60,6 @@ BALANCE = ("roundrobin", "leastconn")
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 START_ATTEMPTS = 3  # a fresh port each time, in case another program took the last one
-PROBE_TIMEOUT_S = 2.0
 STATS_TIMEOUT_S = 2.0
 STATE_TIMEOUT_S = 10.0
 SUN_PATH_BYTES = 108  # sizeof(sockaddr_un.sun_path) on Linux
@@ -260,25 +259,12 @@ class HAProxy:
         """Connect until the relay's 220 comes through; False if HAProxy exited first."""
         process = self.process
         assert process is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        last = ""
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                return False
-            try:
-                with socket.create_connection(self.address, timeout=PROBE_TIMEOUT_S) as probe:
-                    banner = probe.recv(512)
-                    if banner.startswith(b"220"):
-                        probe.sendall(b"QUIT\r\n")
-                        probe.recv(512)
-                        return True
-                    last = repr(banner)
-            except OSError as error:
-                last = str(error)
-            time.sleep(POLL_S)
-        raise AssertionError(
-            f"no 220 banner through HAProxy on port {self.port} within {START_TIMEOUT_S} s "
-            f"(last: {last})\n{self.log()[-4000:]}"
+        return wait_for_banner(
+            self.port,
+            time.monotonic() + START_TIMEOUT_S,
+            process,
+            what=" through HAProxy",
+            diagnostics=lambda: self.log()[-4000:],
         )
 
     def _runtime(self, command: str) -> str:

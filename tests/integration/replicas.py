@@ -22,7 +22,6 @@ import contextlib
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Any
 import yaml
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from integration.external_tools import wait_for_banner
 from integration.recording_upstreams import ThreadedServer
 from integration.relay_harness import POLL_S, free_port
 from smtpwarden.protocol.proxy import encode_v2
@@ -43,7 +43,6 @@ from smtpwarden.spool.files import Layout
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 15.0
-PROBE_TIMEOUT_S = 2.0
 START_ATTEMPTS = 3  # a fresh port each time, in case another program took the last one
 TEST_ID = re.compile(rb"^X-Test-Id: (\d+)\r?$", re.MULTILINE)
 RESUMED = re.compile(r"spool \S+: (\d+) to resume, (\d+) held, (\d+) dead, (\d+) quarantined")
@@ -220,26 +219,13 @@ class Replica:
         """A 220 after a PROXY v2 LOCAL header; False if the process exited first."""
         process = self.process
         assert process is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        last = ""
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                return False
-            try:
-                with socket.create_connection(self.address, timeout=PROBE_TIMEOUT_S) as probe:
-                    probe.sendall(encode_v2(None, None, local=True))
-                    banner = probe.recv(512)
-                    if banner.startswith(b"220"):
-                        probe.sendall(b"QUIT\r\n")
-                        probe.recv(512)
-                        return True
-                    last = repr(banner)
-            except OSError as error:
-                last = str(error)
-            time.sleep(POLL_S)
-        raise AssertionError(
-            f"{self.name}: no 220 through PROXY on port {self.port} within "
-            f"{START_TIMEOUT_S} s (last: {last})\n{self.stderr()}"
+        return wait_for_banner(
+            self.port,
+            time.monotonic() + START_TIMEOUT_S,
+            process,
+            preamble=encode_v2(None, None, local=True),
+            what=f" through PROXY from {self.name}",
+            diagnostics=self.stderr,
         )
 
     def kill(self) -> None:
