@@ -47,3 +47,29 @@ def check_error_reply(error: RemoteProtocolError) -> None:
     """The reply an error sends is one well-formed 4xx or 5xx line."""
     reply = error.reply_bytes()
     check(_ERROR_REPLY.match(reply) is not None, f"bad error reply {reply!r}")
+
+
+# README, "EHLO reconciliation": the keywords the relay may pass on to the
+# client as the upstream offered them (CHUNKING and BINARYMIME, AUTH and
+# STARTTLS depend on the session). The fuzz target and the property test
+# both judge reconcile by it, not by the code's own list.
+RELAYED_KEYWORDS = frozenset(
+    {
+        "SIZE",
+        "PIPELINING",
+        "8BITMIME",
+        "SMTPUTF8",
+        "DSN",
+        "ENHANCEDSTATUSCODES",
+        "VRFY",
+        "EXPN",
+        "HELP",
+        "ETRN",
+        "DELIVERBY",
+        "MT-PRIORITY",
+        "FUTURERELEASE",
+        "NO-SOLICITING",
+        "LIMITS",
+        "RRVS",
+    }
+)

@@ -12,6 +12,7 @@ import re
 from targets_common import (
     BYTE_BY_BYTE_MAX,
     MECHANISMS,
+    RELAYED_KEYWORDS,
     InvariantBroken,
     check,
     check_error_reply,
@@ -178,26 +179,6 @@ def fuzz_commands(data: bytes) -> None:
 # ---------------------------------------------------------------------------
 
 _MAX_SIZES = (0, 1000, 10485760, 35882577)
-_KEPT = frozenset(
-    {
-        "SIZE",
-        "PIPELINING",
-        "8BITMIME",
-        "SMTPUTF8",
-        "DSN",
-        "ENHANCEDSTATUSCODES",
-        "VRFY",
-        "EXPN",
-        "HELP",
-        "ETRN",
-        "DELIVERBY",
-        "MT-PRIORITY",
-        "FUTURERELEASE",
-        "NO-SOLICITING",
-        "LIMITS",
-        "RRVS",
-    }
-)
 _CODE_PREFIX = re.compile(rb"[0-9]{3}[ -]?")
 # Parses what reconcile writes: no cap on lines, STARTTLS may add one.
 _UNCAPPED_LINES = 1 << 20
@@ -252,7 +233,7 @@ def _check_reconcile(reply: Reply, policy: ExtensionPolicy) -> None:
     sent = _read_one(out)
     check(sent.code == 250, "reconcile changed the reply code")
     check(sent.lines[0] == reply.lines[0], "reconcile changed the greeting line")
-    allowed = set(_KEPT)
+    allowed = set(RELAYED_KEYWORDS)
     if policy.chunking:
         allowed |= {"CHUNKING", "BINARYMIME"}
     tls = 0

@@ -390,15 +390,18 @@ def test_a_failing_handler_gives_500_without_its_text(caplog: pytest.LogCaptureF
     assert "/boom failed" in caplog.text
 
 
-def test_connections_past_the_limit_are_closed_unanswered() -> None:
-    async def ok() -> Response:
-        return Response(200, b"ok\n")
+async def ok() -> Response:
+    return Response(200, b"ok\n")
 
+
+OK_REQUEST = b"GET /ok HTTP/1.1\r\n\r\n"
+
+
+def test_connections_past_the_limit_are_closed_unanswered() -> None:
     async def run() -> tuple[bytes, bytes]:
         server = ControlServer({"/ok": ok})
         await server.start("127.0.0.1", 0)
         address = server.address()
-        request = b"GET /ok HTTP/1.1\r\n\r\n"
         # From several loopback addresses, each within MAX_PER_ADDRESS.
         idle = [
             await asyncio.open_connection(
@@ -408,7 +411,7 @@ def test_connections_past_the_limit_are_closed_unanswered() -> None:
         ]
         try:
             # Accepted in order: the idle ones hold every place by then.
-            refused = await exchange(address, request)
+            refused = await exchange(address, OK_REQUEST)
         finally:
             for _, writer in idle:
                 writer.close()
@@ -417,7 +420,7 @@ def test_connections_past_the_limit_are_closed_unanswered() -> None:
         server = ControlServer({"/ok": ok})
         await server.start("127.0.0.1", 0)
         try:
-            served = await exchange(server.address(), request)
+            served = await exchange(server.address(), OK_REQUEST)
         finally:
             await server.close()
         return refused, served
@@ -428,21 +431,17 @@ def test_connections_past_the_limit_are_closed_unanswered() -> None:
 
 
 def test_one_address_holds_a_few_connections_at_most() -> None:
-    async def ok() -> Response:
-        return Response(200, b"ok\n")
-
     async def run() -> tuple[bytes, bytes]:
         server = ControlServer({"/ok": ok})
         await server.start("127.0.0.1", 0)
         address = server.address()
-        request = b"GET /ok HTTP/1.1\r\n\r\n"
         hog = ("127.0.0.2", 0)
         idle = [
             await asyncio.open_connection(*address, local_addr=hog) for _ in range(MAX_PER_ADDRESS)
         ]
         try:
-            refused = await exchange(address, request, local_addr=hog)
-            served = await exchange(address, request, local_addr=("127.0.0.3", 0))
+            refused = await exchange(address, OK_REQUEST, local_addr=hog)
+            served = await exchange(address, OK_REQUEST, local_addr=("127.0.0.3", 0))
         finally:
             for _, writer in idle:
                 writer.close()

@@ -5,29 +5,12 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz.targets_common import RELAYED_KEYWORDS
 from smtpwarden.protocol.extensions import ExtensionPolicy, parse_ehlo, reconcile
 from smtpwarden.protocol.replies import Reply, parse_reply
 from strategies import any_case, octets, reply_codes, reply_texts, reply_wire, scaled
 
-# README, "EHLO reconciliation": what may ever reach the client.
-RELAYED = {
-    "SIZE",
-    "PIPELINING",
-    "8BITMIME",
-    "SMTPUTF8",
-    "DSN",
-    "ENHANCEDSTATUSCODES",
-    "VRFY",
-    "EXPN",
-    "HELP",
-    "ETRN",
-    "DELIVERBY",
-    "MT-PRIORITY",
-    "FUTURERELEASE",
-    "NO-SOLICITING",
-    "LIMITS",
-    "RRVS",
-}
+RELAYED = set(RELAYED_KEYWORDS)
 CHUNKING = {"CHUNKING", "BINARYMIME"}
 # Offered only as the policy says, or never (the relay's own).
 DECIDED = [b"STARTTLS", b"AUTH", b"XCLIENT", b"XFORWARD"]
