@@ -253,6 +253,13 @@ class Session(UpstreamLeg):
         line = command.line
         takes_over = False
         refusal = self._command_refusal(command)
+        if refusal is None:
+            if verb is Verb.AUTH:
+                refusal = self._tls_refusal(command) or self._auth_refusal(command)
+            elif verb is Verb.STARTTLS:
+                refusal = self._tls_refusal(command)
+            elif verb is Verb.XCLIENT or verb is Verb.XFORWARD:
+                refusal = replies.not_implemented  # smtpwarden's own to send upstream
         if refusal is not None:
             # The core moved on reading DATA, AUTH or STARTTLS: back to commands.
             if verb is Verb.DATA:
@@ -264,23 +271,8 @@ class Session(UpstreamLeg):
             self._refuse(command, verb, refusal)
             return
         match verb:
-            case Verb.XCLIENT | Verb.XFORWARD:
-                # XCLIENT and XFORWARD are smtpwarden's own to send upstream.
-                self._refuse(command, verb, replies.not_implemented)
-                return
-            case Verb.AUTH:
-                refusal = self._tls_refusal(command) or self._auth_refusal(command)
-                if refusal is not None:
-                    self.core.auth_done()
-                    self._refuse(command, verb, refusal)
-                    return
             case Verb.STARTTLS:
-                refusal = self._tls_refusal(command)
-                if refusal is not None:
-                    self.core.refuse_tls()
-                    self._refuse(command, verb, refusal)
-                else:
-                    self._starttls(command)
+                self._starttls(command)
                 return
             case Verb.MAIL:
                 if self.ctx.draining and not self.tracker.in_transaction:
