@@ -223,7 +223,7 @@ class UpstreamLeg(SecureSession):
                 out.append(reply.raw)  # the upstream is closing: the client hears it
             if reply.code // 100 != 2:
                 log.info(
-                    "session %s: %s refused: %s",
+                    "session %s: %s refused: %r",
                     self.tracker.info.session_id,
                     entry.name,
                     reply.raw[:80],
