@@ -22,6 +22,7 @@ from smtpwarden.config import (
     CLI_SOURCE,
     DEFAULT_SINK_FOLDER,
     EVENT_LOOPS,
+    Config,
     ConfigError,
     Document,
     EventLoop,
@@ -361,13 +362,24 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         # Imported here so that --help and check-config never load the network code.
         from smtpwarden.net.workers import run_supervisor
 
-        return run_supervisor(config, document, event_loop=args.event_loop)
+        return run_supervisor(config, document, event_loop=args.event_loop, path=args.config)
     if args.event_loop is not None:
         config = dataclasses.replace(config, event_loop=args.event_loop)
 
     from smtpwarden.net.server import run_relay
 
-    return run_relay(config)
+    load = None
+    if args.config is not None:
+        path, event_loop = args.config, args.event_loop
+
+        def load() -> Config:
+            # SIGHUP: the same file, with the same command-line choices.
+            again = config_of(read_document(path))
+            if event_loop is None:
+                return again
+            return dataclasses.replace(again, event_loop=event_loop)
+
+    return run_relay(config, load=load)
 
 
 def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import runpy
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from smtpwarden import __version__
 from smtpwarden.cli import main
-from smtpwarden.config import Config, default_config, load_config, simple_config
+from smtpwarden.config import Config, ConfigError, default_config, load_config, simple_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QUICKSTART = str(CONFIGS / "quickstart.yaml")
@@ -29,10 +30,12 @@ class Recorder:
     result: int = 0
     error: Exception | None = None
     relay_calls: list[Config] = field(default_factory=list)
+    loads: list[Callable[[], Config] | None] = field(default_factory=list)
     sink_calls: list[dict[str, object]] = field(default_factory=list)
 
-    def run_relay(self, config: Config) -> int:
+    def run_relay(self, config: Config, *, load: Callable[[], Config] | None = None) -> int:
         self.relay_calls.append(config)
+        self.loads.append(load)
         if self.error is not None:
             raise self.error
         return self.result
@@ -201,6 +204,35 @@ def test_run_event_loop_override(event_loop: str, recorder: Recorder) -> None:
     assert main(["run", "--config", QUICKSTART, "--event-loop", event_loop]) == 0
     (config,) = recorder.relay_calls
     assert config.event_loop == event_loop
+
+
+def test_sighup_reads_the_same_file_with_the_same_options(
+    recorder: Recorder, tmp_path: Path
+) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text("listeners: [{port: 2525}]\nupstreams: [{kind: sink}]\n", encoding="utf-8")
+    assert main(["run", "--config", str(path), "--event-loop", "asyncio"]) == 0
+    (load,) = recorder.loads
+    assert load is not None
+    path.write_text(
+        "event_loop: uvloop\nhostname: again.test\nlisteners: [{port: 2525}]\n"
+        "upstreams: [{kind: sink}]\n",
+        encoding="utf-8",
+    )
+    again = load()
+    assert again.hostname == "again.test"
+    assert again.event_loop == "asyncio"  # the command line's, as at start
+    path.write_text("listeners: [\n", encoding="utf-8")
+    with pytest.raises(ConfigError):
+        load()
+
+
+@pytest.mark.parametrize(
+    "argv", [["run"], ["run", "--listen", "127.0.0.1:0", "--upstream", "sink:./out"]]
+)
+def test_without_a_file_sighup_has_nothing_to_read(argv: list[str], recorder: Recorder) -> None:
+    assert main(argv) == 0
+    assert recorder.loads == [None]
 
 
 def test_run_returns_relay_exit_code(recorder: Recorder) -> None:

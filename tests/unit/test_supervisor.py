@@ -193,8 +193,10 @@ def test_run_chooses_the_supervisor_for_more_than_one_worker(
 ) -> None:
     calls: list[tuple[object, ...]] = []
 
-    def run_supervisor(config: Config, document: Document, *, event_loop: str | None) -> int:
-        calls.append((config.workers, document.source, event_loop))
+    def run_supervisor(
+        config: Config, document: Document, *, event_loop: str | None, path: str | None
+    ) -> int:
+        calls.append((config.workers, document.source, event_loop, path))
         return 0
 
     workers = types.ModuleType("smtpwarden.net.workers")
@@ -203,7 +205,7 @@ def test_run_chooses_the_supervisor_for_more_than_one_worker(
     path = tmp_path / "relay.yaml"
     path.write_text("workers: 3\nlisteners: [{port: 2525}]\nupstreams: [{kind: sink}]\n")
     assert cli.main(["run", "-c", str(path), "--event-loop", "asyncio"]) == 0
-    assert calls == [(3, str(path), "asyncio")]
+    assert calls == [(3, str(path), "asyncio", str(path))]
 
 
 # --- Merged metrics ----------------------------------------------------------------

@@ -59,6 +59,13 @@ class Admission:
         self._open: dict[Address, int] = {}
         self._recent: dict[Address, deque[float]] = {}
 
+    def configure(self, limits: LimitsConfig) -> None:
+        """New limits (a reload): they apply to the next connections; counts are kept."""
+        self._limits = limits
+        for address, recent in list(self._recent.items()):
+            if recent.maxlen != limits.connection_rate_per_minute:
+                self._recent[address] = deque(recent, maxlen=limits.connection_rate_per_minute)
+
     def admit(self, address: Address | None, now: float) -> Refusal | None:
         """Count a new session from ``address``; None if admitted.
 

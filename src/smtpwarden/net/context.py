@@ -1,7 +1,9 @@
 """What the sessions of one listener share.
 
-Built once per listener by the relay; sessions read it and never change it,
-except ``draining``, which the relay sets when it shuts down.
+Built per listener by the relay, at start and on each reload (SIGHUP): a
+session keeps the one it started with to its end. Sessions read it and
+never change it, except ``draining``, which the relay sets when it shuts
+down.
 """
 
 from __future__ import annotations

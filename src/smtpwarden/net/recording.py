@@ -260,6 +260,23 @@ class Recording:
         self.listeners[listener.name] = capture
         return capture
 
+    def configure(self, config: Config) -> None:
+        """A reload: new retention limits, and new captures for the listeners whose
+        ``transcripts`` changed (live sessions keep theirs). ``transcripts.path``
+        cannot change (``configreload``)."""
+        self.config = config.transcripts
+        for listener in config.listeners:
+            capture = self.listeners.get(listener.name)
+            if capture is None:
+                self.listener(listener)
+            elif capture.configured != listener.transcripts:
+                self.listener(listener)
+                log.info(
+                    "listener %s: transcripts %s (configuration reloaded)",
+                    listener.name,
+                    describe(self.listeners[listener.name].settings),
+                )
+
     def tick(self, now: float) -> None:
         """Once a second: apply a changed control file; retention every minute."""
         self._check_control()

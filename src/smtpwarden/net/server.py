@@ -1,13 +1,18 @@
 """The relay process: listeners, the session registry, deadlines, shutdown.
 
-``Relay`` opens every listener, starts the embedded sink for upstreams of
-kind "sink", and runs one periodic tick that checks every session's deadline
+``Relay`` builds what its configuration serves with (``net.plan``: the
+upstreams, an embedded sink for each of kind "sink", TLS contexts), opens
+every listener, and runs one periodic tick that checks every session's deadline
 and flushes the transaction log; sessions own no timers of their own, which
 keeps an idle session small and spares the hot path any timer churn.
 
 With ``http.enabled`` it also serves metrics, liveness and readiness
 (``net.telemetry``); with ``health.check_interval`` it checks its smtp
 upstreams on a timer (``net.healthcheck``).
+
+SIGHUP reloads the configuration (``net.reload``): each listener's new
+sessions are made from the listener context in force when they connect,
+which a reload replaces (``install``), while live sessions keep theirs.
 
 Shutdown (SIGTERM, SIGINT faster): stop accepting, close sessions that sit
 between transactions with 421, let the others finish their transaction up
@@ -33,26 +38,29 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
-from smtpwarden.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, route_for
+from smtpwarden.config import Config, ListenerConfig, RouteConfig, route_for
+from smtpwarden.configreload import has_spool, native_tls
 from smtpwarden.configroutes import domain_routes
 from smtpwarden.net.admission import Admission
 from smtpwarden.net.context import ListenerContext
 from smtpwarden.net.ending import LINGER_S
 from smtpwarden.net.healthcheck import HealthChecker
 from smtpwarden.net.loop import loop_factory
+from smtpwarden.net.plan import Plan, Planner
 from smtpwarden.net.recording import Recording
+from smtpwarden.net.reload import Reloads
 from smtpwarden.net.replies import LocalReplies
 from smtpwarden.net.routing import Route, RouteTable
 from smtpwarden.net.secure import OPENING_TIMEOUT_S
 from smtpwarden.net.session import Session
-from smtpwarden.net.sink import start_sink
 from smtpwarden.net.spooler import QueueRunner
 from smtpwarden.net.telemetry import Telemetry
-from smtpwarden.net.tls import client_context, reload, server_context
+from smtpwarden.net.tls import server_context
 from smtpwarden.net.upstream import Health, Target
 from smtpwarden.observe.metrics import RelayMetrics
 from smtpwarden.observe.txlog import RecordLog
 from smtpwarden.protocol.extensions import ExtensionPolicy
+from smtpwarden.protocol.records import Upstream
 from smtpwarden.spool.store import Spool
 
 log = logging.getLogger("smtpwarden")
@@ -64,7 +72,12 @@ MIN_TICK_S = 0.02
 
 
 class Relay:
-    """Everything one relay process runs."""
+    """Everything one relay process runs.
+
+    ``load`` reads the configuration again for a reload (SIGHUP): the file
+    it came from. Without it a reload takes the running configuration
+    again, which still reloads certificates and reopens the log.
+    """
 
     def __init__(
         self,
@@ -73,6 +86,7 @@ class Relay:
         records: RecordLog | None = None,
         reuse_port: bool = False,
         recover_spool: bool = True,
+        load: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
         # A worker shares its ports with the other workers, and must not
@@ -83,8 +97,13 @@ class Relay:
         self.records = records or RecordLog(config.log.transactions, sessions=config.log.sessions)
         self.sessions: set[Session] = set()
         self.servers: dict[str, asyncio.Server] = {}
-        self.sinks: dict[str, asyncio.Server] = {}
-        self._contexts: list[ListenerContext] = []
+        # What each listener's new sessions get; a reload replaces it.
+        self.serving: dict[str, tuple[ListenerContext, Upstream]] = {}
+        # Listeners whose handshake the event loop does: their one context.
+        self.native: dict[str, ssl.SSLContext] = {}
+        self._targets: Mapping[str, Target] = {}
+        self.planner: Planner | None = None
+        self.reloads = Reloads(self, load)
         self.spool: Spool | None = None
         self.runner: QueueRunner | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -97,9 +116,14 @@ class Relay:
         self._checker: asyncio.Task[None] | None = None
         self._tick: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self._draining = False
         self.stopped = asyncio.Event()
         self._drained = asyncio.Event()  # no session left open
         self._gone = asyncio.Event()  # no client connection left
+        # 32 random bits: worker processes draw their own, and must not meet.
+        self._id_prefix = secrets.token_hex(4)
+        self._serial = itertools.count(1)
+        self._epoch_offset = time.time() - time.monotonic()
 
     def address(self, listener: str) -> tuple[str, int]:
         """The address a listener is bound to (useful with port 0)."""
@@ -115,32 +139,86 @@ class Relay:
 
     async def start(self) -> None:
         """Start sinks and listeners; raises OSError if a port cannot be bound."""
+        async with self.reloads.lock:  # a reload asked for meanwhile waits for the start
+            await self._start()
+
+    async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         config = self.config
         if config.http.enabled:
             self.metrics = RelayMetrics()
             self.records.observers.append(self.metrics.observe)
-        targets: dict[str, Target] = {}
-        for upstream in config.upstreams:
-            targets[upstream.name] = await self._target(upstream)
-        if any(route.policy == "requeue" for route in config.routes):
+        self.planner = Planner(self.health, self.metrics)
+        plan = await self.planner.plan(config)
+        for listener in config.listeners:
+            if listener.tls is not None and native_tls(listener):
+                self.native[listener.name] = server_context(listener.tls)
+        if has_spool(config):
             self.spool = Spool(config.spool.path)
             if self.recover_spool:
                 report = self.spool.recover()
                 log.info("spool %s: %s", config.spool.path, report.summary())
         # Before the listeners: their log lines say the relay is up.
-        await self._start_watching(targets)
-        # 32 random bits: worker processes draw their own, and must not meet.
-        prefix = secrets.token_hex(4)
-        serial = itertools.count(1)
+        self.install(plan)
+        await self._start_telemetry()
+        for listener in config.listeners:
+            # An implicit-TLS listener lets the event loop do the handshake
+            # before the session starts, unless a PROXY header comes first.
+            native = self.native.get(listener.name)
+            self.servers[listener.name] = await loop.create_server(
+                functools.partial(self._accept, listener.name),
+                listener.host,
+                listener.port,
+                reuse_address=True,
+                reuse_port=self.reuse_port,
+                ssl=native,
+                ssl_handshake_timeout=OPENING_TIMEOUT_S if native is not None else None,
+            )
+            host, port = self.address(listener.name)
+            target = self.serving[listener.name][0].target
+            log.info(
+                "listener %s on %s:%s relays to %s (%s:%s)",
+                listener.name,
+                host,
+                port,
+                target.name,
+                target.host,
+                target.port,
+            )
+        self._tick = loop.create_task(self._run_tick())
+        if self.spool is not None:
+            # The spool's workers deliver what requeue spooled, through the
+            # upstreams of the route that spooled it.
+            self.runner = QueueRunner(
+                self.spool, targets=plan.route_targets(), config=config, records=self.records
+            )
+            self._runner = loop.create_task(self.runner.run())
 
-        def next_id() -> str:
-            return f"{prefix}{next(serial):07x}"
+    def _accept(self, listener: str) -> Session:
+        """A new connection on ``listener``: a session with what it serves now."""
+        ctx, upstream = self.serving[listener]
+        return Session(ctx, upstream)
 
+    def _next_id(self) -> str:
+        return f"{self._id_prefix}{next(self._serial):07x}"
+
+    def install(self, plan: Plan) -> None:
+        """Serve new sessions with ``plan``; live sessions keep what they have.
+
+        Nothing here can fail: whatever could was built into the plan.
+        """
+        config = self.config = plan.config
+        self.admission.configure(config.limits)
+        self.health.configure(config.health)
+        for name, target in plan.targets.items():
+            if name in self._targets and self._targets[name] != target:
+                self.health.forget(name)  # another address: what was known no longer holds
+        self._targets = plan.targets
+        self.recording.configure(config)
         replies = LocalReplies.for_host(config.hostname)
         for listener in config.listeners:
-            routes = _route_table(config, listener.name, targets)
-            tls_context = None if listener.tls is None else server_context(listener.tls)
+            routes = _route_table(config, listener.name, plan.targets)
+            tls_context = self.native.get(listener.name) or plan.tls.get(listener.name)
             plain, encrypted = _policies(config, listener, tls_context is not None)
             ctx = ListenerContext(
                 name=listener.name,
@@ -157,118 +235,56 @@ class Relay:
                 records=self.records,
                 sessions=self.sessions,
                 replies=replies,
-                epoch_offset=time.time() - time.monotonic(),
-                next_id=next_id,
+                epoch_offset=self._epoch_offset,
+                next_id=self._next_id,
                 on_end=self._session_ended,
-                capture=self.recording.listener(listener),
+                capture=self.recording.listeners[listener.name],
                 metrics=self.metrics,
             )
-            self._contexts.append(ctx)
-            # An implicit-TLS listener lets the event loop do the handshake
-            # before the session starts, unless a PROXY header comes first.
-            implicit = listener.tls is not None and listener.tls.mode == "implicit"
-            native = tls_context if implicit and listener.proxy_protocol is None else None
-            self.servers[listener.name] = await loop.create_server(
-                functools.partial(Session, ctx, ctx.upstream_record),
-                listener.host,
-                listener.port,
-                reuse_address=True,
-                reuse_port=self.reuse_port,
-                ssl=native,
-                ssl_handshake_timeout=OPENING_TIMEOUT_S if native is not None else None,
-            )
-            host, port = self.address(listener.name)
-            target = ctx.target
-            log.info(
-                "listener %s on %s:%s relays to %s (%s:%s)",
-                listener.name,
-                host,
-                port,
-                target.name,
-                target.host,
-                target.port,
-            )
-        self._tick = loop.create_task(self._run_tick())
-        if self.spool is not None:
-            # The spool's workers deliver what requeue spooled, through the
-            # upstreams of the route that spooled it.
-            by_route = {
-                route.name: tuple(targets[name] for name in route.upstreams)
-                for route in config.routes
-            }
-            self.runner = QueueRunner(
-                self.spool, targets=by_route, config=config, records=self.records
-            )
-            self._runner = loop.create_task(self.runner.run())
+            self.serving[listener.name] = (ctx, ctx.upstream_record)
+        if self._checker is not None:
+            self._checker.cancel()
+            self._checker = None
+        self.checker = plan.checker
+        if plan.checker is not None:
+            self._checker = asyncio.get_running_loop().create_task(plan.checker.run())
+        if self.runner is not None:
+            self.runner.configure(targets=plan.route_targets(), config=config)
+        if self.telemetry is not None:
+            self.telemetry.configure(config)
 
-    async def _start_watching(self, targets: Mapping[str, Target]) -> None:
-        """Start the health checks and the HTTP endpoint, as configured."""
-        config = self.config
-        if config.health.check_interval > 0:
-            smtp = [targets[up.name] for up in config.upstreams if up.kind == "smtp"]
-            if smtp:
-                self.checker = HealthChecker(smtp, self.health, config, self.metrics)
-                self._checker = asyncio.get_running_loop().create_task(self.checker.run())
+    async def _start_telemetry(self) -> None:
+        """Start the HTTP endpoint, as configured."""
         if self.metrics is not None:
             self.telemetry = Telemetry(
-                config,
+                self.config,
                 self.metrics,
                 health=self.health,
                 records=self.records,
                 open_sessions=self._open_session_listeners,
                 servers=self.servers,
                 spool=self.spool,
-                draining=lambda: bool(self._contexts) and self._contexts[0].draining,
+                draining=lambda: self._draining,
             )
             await self.telemetry.start()
 
     def _open_session_listeners(self) -> list[str]:
         return [session.ctx.name for session in self.sessions if not session.closed]
 
-    async def _target(self, upstream: UpstreamConfig) -> Target:
-        if upstream.kind == "sink":
-            folder = upstream.path or "mail"
-            server = await start_sink("127.0.0.1", 0, folder, self.config.hostname)
-            self.sinks[upstream.name] = server
-            port = server.sockets[0].getsockname()[1]
-            log.info(
-                "upstream %s is the embedded sink on 127.0.0.1:%s writing to %s",
-                upstream.name,
-                port,
-                folder,
-            )
-            return Target(name=upstream.name, host="127.0.0.1", port=port)
-        if upstream.tls.mode != "none" and not upstream.tls.verify:
-            log.warning(
-                "upstream %s: TLS certificate verification is off (tls.verify: false): "
-                "anyone between here and it can read and change the mail",
-                upstream.name,
-            )
-        return Target(
-            name=upstream.name,
-            host=upstream.host,
-            port=upstream.port,
-            tls=upstream.tls,
-            context=client_context(upstream.tls),
-            xclient=upstream.xclient,
-            xforward=upstream.xforward,
-        )
-
     async def _run_tick(self) -> None:
-        timeouts = self.config.timeouts
-        shortest = min(
-            timeouts.banner,
-            timeouts.command,
-            timeouts.mail,
-            timeouts.rcpt,
-            timeouts.data_init,
-            timeouts.data_block,
-            timeouts.data_end,
-            timeouts.reply,
-        )
-        tick = min(MAX_TICK_S, max(MIN_TICK_S, shortest / 4))
         while True:
-            await asyncio.sleep(tick)
+            timeouts = self.config.timeouts  # read each time: a reload may change them
+            shortest = min(
+                timeouts.banner,
+                timeouts.command,
+                timeouts.mail,
+                timeouts.rcpt,
+                timeouts.data_init,
+                timeouts.data_block,
+                timeouts.data_end,
+                timeouts.reply,
+            )
+            await asyncio.sleep(min(MAX_TICK_S, max(MIN_TICK_S, shortest / 4)))
             try:
                 now = time.monotonic()
                 for session in list(self.sessions):
@@ -283,7 +299,11 @@ class Relay:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, drain sessions for up to ``grace`` seconds, close."""
-        for ctx in self._contexts:
+        self._draining = True
+        # Sessions started before a reload hold the context they started with.
+        contexts = {id(ctx): ctx for ctx, _ in self.serving.values()}
+        contexts.update((id(session.ctx), session.ctx) for session in self.sessions)
+        for ctx in contexts.values():
             ctx.draining = True
         for server in self.servers.values():
             server.close()
@@ -305,8 +325,8 @@ class Relay:
         await self._wait(self._gone, LINGER_S)
         if self._tick is not None:
             self._tick.cancel()
-        for sink in self.sinks.values():
-            sink.close()
+        if self.planner is not None:
+            self.planner.close()
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -333,28 +353,11 @@ class Relay:
         log.info("shutting down, %.1f s grace", grace)
         self._stopping = asyncio.get_running_loop().create_task(self.stop(grace))
 
-    def reload_certificates(self) -> None:
-        """SIGHUP: listeners with TLS load their certificate and key again.
-
-        New handshakes use them; live sessions keep theirs. A file that no
-        longer loads is logged and the old certificate kept.
-        """
-        for ctx in self._contexts:
-            tls = ctx.listener.tls
-            if tls is None or ctx.tls_context is None:
-                continue
-            try:
-                reload(ctx.tls_context, tls)
-            except (OSError, ssl.SSLError) as error:
-                log.error("listener %s: certificate not reloaded: %s", ctx.name, error)
-            else:
-                log.info("listener %s: certificate reloaded", ctx.name)
-
     def _open_sessions(self) -> bool:
         return any(not session.closed for session in self.sessions)
 
     def _session_ended(self) -> None:
-        if self._contexts and self._contexts[0].draining:
+        if self._draining:
             if not self._open_sessions():
                 self._drained.set()
             if not self.sessions:
@@ -372,14 +375,18 @@ class Relay:
 
 
 def run_relay(
-    config: Config, *, worker: bool = False, ready: Callable[[Relay], None] | None = None
+    config: Config,
+    *,
+    worker: bool = False,
+    ready: Callable[[Relay], None] | None = None,
+    load: Callable[[], Config] | None = None,
 ) -> int:
     """Run the relay until a signal stops it; return the exit code.
 
     ``worker``: one of several relay processes (``net.worker``): listeners
     bind with SO_REUSEPORT and the spool is not recovered. ``ready`` is
     called on the event loop once the listeners are up and the signals
-    handled.
+    handled. ``load`` reads the configuration again on SIGHUP (``Relay``).
     """
     logging.basicConfig(
         level=config.log.level.upper(),
@@ -391,30 +398,33 @@ def run_relay(
         # Linux's SO_REUSEPORT spreads connections over the processes bound
         # to a port; elsewhere the option means something else.
         reuse_port = worker or (config.reuse_port and sys.platform.startswith("linux"))
-        relay = Relay(config, reuse_port=reuse_port, recover_spool=not worker)
+        relay = Relay(config, reuse_port=reuse_port, recover_spool=not worker, load=load)
         loop = asyncio.get_running_loop()
         # Before the listeners log that they are up: SIGHUP's default action
-        # would end the process, and a reload then reaches every listener
-        # started so far.
-        loop.add_signal_handler(signal.SIGHUP, relay.reload_certificates)
+        # would end the process. A reload asked for during the start waits
+        # for it to end.
+        loop.add_signal_handler(signal.SIGHUP, relay.reloads.request)
         try:
             await relay.start()
         except OSError as error:
             log.error("cannot start: %s", error)
             return 1
         log.info("smtpwarden running on %s", loop_name)
-        stop = relay.request_stop
-        if worker:
-            # A worker's stop requests come from its supervisor (net.worker),
-            # and so does "no more grace": a signal of its own (pkill, a
-            # signal to every process) only starts a graceful stop, whichever
-            # of the two reaches it first.
-            def stop(grace: float) -> None:
-                if not relay.stopping:
-                    relay.request_stop(grace)
 
-        loop.add_signal_handler(signal.SIGTERM, stop, config.shutdown.grace)
-        loop.add_signal_handler(signal.SIGINT, stop, config.shutdown.fast)
+        def stop(fast: bool) -> None:
+            # The grace in force when the signal comes: a reload may change it.
+            shutdown = relay.config.shutdown
+            grace = shutdown.fast if fast else shutdown.grace
+            if worker and relay.stopping:
+                # A worker's stop requests come from its supervisor
+                # (net.worker), and so does "no more grace": a signal of its
+                # own (pkill, a signal to every process) only starts a
+                # graceful stop, whichever of the two reaches it first.
+                return
+            relay.request_stop(grace)
+
+        loop.add_signal_handler(signal.SIGTERM, stop, False)
+        loop.add_signal_handler(signal.SIGINT, stop, True)
         if ready is not None:
             ready(relay)
         await relay.stopped.wait()

@@ -88,18 +88,22 @@ class QueueRunner:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
-        self._targets = {name: tuple(route) for name, route in targets.items()}
-        self._config = config
+        self.configure(targets=targets, config=config)
         self._records = records
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
         self._clock = clock
-        self._backoff = backoff_of(config)
-        self._phrases = phrases_of(config.retry)
         self._woken = asyncio.Event()
         # Outcomes that could not be written back (a full disk): not before
         # when to try the entry again, and whether it risks a duplicate.
         self._unwritten: dict[str, tuple[float, bool]] = {}
         self.lost_outcomes = 0
+
+    def configure(self, *, targets: Mapping[str, Sequence[Target]], config: Config) -> None:
+        """Routes and settings for the deliveries that start from now on (a reload)."""
+        self._targets = {name: tuple(route) for name, route in targets.items()}
+        self._config = config
+        self._backoff = backoff_of(config)
+        self._phrases = phrases_of(config.retry)
 
     def wake(self) -> None:
         """A new entry was spooled: look at the spool now. Call it on the loop's thread."""
@@ -114,7 +118,6 @@ class QueueRunner:
         aborted, leases released) and waited for.
         """
         loop = asyncio.get_running_loop()
-        workers = self._config.spool.workers
         backlog: deque[str] = deque()  # due at the last scan, not yet started
         running: dict[asyncio.Task[None], str] = {}
         waker: asyncio.Task[None] | None = None
@@ -126,7 +129,7 @@ class QueueRunner:
                     next_scan = loop.time() + TICK_S
                     busy = set(running.values())
                     backlog.extend(q for q in await self._scan() if q not in busy)
-                while backlog and len(running) < workers:
+                while backlog and len(running) < self._config.spool.workers:
                     queue_id = backlog.popleft()
                     if queue_id not in running.values():
                         running[loop.create_task(self.deliver_one(queue_id))] = queue_id

@@ -65,19 +65,24 @@ class Telemetry:
         self._draining = draining
         self._scan: asyncio.Task[tuple[dict[str, int], float] | None] | None = None
         self.server: ControlServer | None = None
-        upstreams = tuple(upstream.name for upstream in config.upstreams)
-        listeners = tuple(listener.name for listener in config.listeners)
 
         def sessions() -> list[tuple[LabelValues, float]]:
             counts = Counter(open_sessions())
-            return [((name,), float(counts[name])) for name in listeners]
+            return [((item.name,), float(counts[item.name])) for item in self._config.listeners]
 
         def health_now() -> list[tuple[LabelValues, float]]:
-            return [((name,), 0.0 if health.is_down(name) else 1.0) for name in upstreams]
+            return [
+                ((item.name,), 0.0 if health.is_down(item.name) else 1.0)
+                for item in self._config.upstreams
+            ]
 
         metrics.sessions_active.read_from(sessions)
         metrics.upstream_up.read_from(health_now)
         metrics.records_dropped.read_from(lambda: [((), float(records.dropped))])
+
+    def configure(self, config: Config) -> None:
+        """A reload: the upstreams and listeners to report on (``http`` cannot change)."""
+        self._config = config
 
     async def start(self) -> None:
         """Open the endpoint; an address that cannot be bound is logged, not raised.

@@ -136,6 +136,15 @@ class Health:
         self._failures: dict[str, int] = {}
         self._down_until: dict[str, float] = {}
 
+    def configure(self, config: HealthConfig) -> None:
+        """New thresholds (a reload); the state of each upstream is kept."""
+        self._config = config
+
+    def forget(self, name: str) -> None:
+        """Clear what is known of ``name`` (a reload gave it another address)."""
+        self._failures.pop(name, None)
+        self._down_until.pop(name, None)
+
     def order(self, targets: Sequence[Target]) -> list[Target]:
         """``targets`` to try, in order: usable ones first, then the rest.
 

@@ -24,9 +24,12 @@ to its standard output, which the supervisor passes on a whole line at a
 time.
 
 Standard input stays open while the supervisor lives. Once the worker is
-ready, the supervisor writes its stop requests there, one line each
-(``stop GRACE``, then ``now``); end of file means the supervisor is gone,
-and the worker shuts down as on SIGTERM.
+ready, the supervisor writes its requests there, one line each: stop
+(``stop GRACE``, then ``now``), and reload (``reload`` and a JSON object:
+``config`` and ``source`` as in the brief, and ``accepted``, false when the
+supervisor refused the file and the worker is only to apply its running
+configuration again; ``net.reload``). End of file means the supervisor is
+gone, and the worker shuts down as on SIGTERM.
 
 ``worker_document`` runs in the supervisor, before any worker starts: it
 checks that the document reaches the workers through JSON unchanged.
@@ -195,7 +198,7 @@ def run_worker(stdin: BinaryIO | None = None) -> int:
 
     def ready(relay: Relay) -> None:
         _report_ready(brief.status_fd, relay)
-        watch = _watch_supervisor(input_fd, relay, config.shutdown.grace)
+        watch = _watch_supervisor(input_fd, relay, brief)
         watching.append(asyncio.get_running_loop().create_task(watch))
 
     return run_relay(config, worker=True, ready=ready)
@@ -214,28 +217,65 @@ def _report_ready(status_fd: int, relay: Relay) -> None:
 
 
 # What the supervisor writes on a ready worker's standard input, one line
-# each: stop with this grace ("stop 30.0"), or close every session now.
+# each: stop with this grace ("stop 30.0"), close every session now, or
+# reload ("reload {...}").
 STOP: Final = "stop"
 STOP_NOW: Final = b"now\n"
-MAX_COMMAND_BYTES: Final = 64
+RELOAD: Final = b"reload "
+
+
+def reload_line(document: Document, *, accepted: bool) -> bytes:
+    """The reload request for the workers: ``document`` is the supervisor's, as
+    ``worker_document`` checked it, so JSON carries it."""
+    fields = {"accepted": accepted, "config": document.data, "source": document.source}
+    return RELOAD + json.dumps(fields, allow_nan=False, separators=(",", ":")).encode() + b"\n"
+
+
+def read_reload(payload: bytes, brief: WorkerBrief) -> Config | None:
+    """The configuration a reload line hands over, as this worker runs it; None
+    when the supervisor refused the file. Raises ConfigError."""
+    try:
+        fields = json.loads(payload)
+        accepted, data, source = fields["accepted"], fields["config"], fields["source"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(WORKER_SOURCE, [f"not a reload request: {error}"]) from None
+    if accepted is not True:
+        return None
+    return worker_config(parse_config(data, source=str(source)), brief)
 
 
 class _SupervisorPipe(asyncio.Protocol):
-    """Standard input: the supervisor's stop lines; its end means the supervisor is gone."""
+    """Standard input: the supervisor's requests; its end means the supervisor is gone."""
 
-    def __init__(self, relay: Relay, gone: asyncio.Future[None]) -> None:
+    def __init__(self, relay: Relay, brief: WorkerBrief, gone: asyncio.Future[None]) -> None:
         self._relay = relay
+        self._brief = brief
         self._gone = gone
-        self._buf = b""
+        self._buf = bytearray()
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
-        while b"\n" in self._buf:
-            line, _, self._buf = self._buf.partition(b"\n")
-            self._command(line.decode("ascii", "replace").split())
-        if len(self._buf) > MAX_COMMAND_BYTES:
+        while (end := self._buf.find(b"\n")) >= 0:
+            line = bytes(self._buf[:end])
+            del self._buf[: end + 1]
+            if line.startswith(RELOAD):
+                self._reload(line[len(RELOAD) :])
+            else:
+                self._command(line.decode("ascii", "replace").split())
+        if len(self._buf) > MAX_BRIEF_BYTES:
             log.warning("unexpected input from the supervisor: ignored")
-            self._buf = b""
+            self._buf.clear()
+
+    def _reload(self, payload: bytes) -> None:
+        try:
+            config = read_reload(payload, self._brief)
+        except ConfigError as error:
+            # The supervisor validated it: only a file changed under it can
+            # fail here, as a restarted worker would.
+            log.error("configuration not reloaded, the running one is kept: %s", error)
+            self._relay.reloads.request(refused=True)
+            return
+        self._relay.reloads.request(config, refused=config is None)
 
     def _command(self, words: list[str]) -> None:
         relay = self._relay
@@ -260,16 +300,16 @@ class _SupervisorPipe(asyncio.Protocol):
             self._gone.set_result(None)
 
 
-async def _watch_supervisor(input_fd: int, relay: Relay, grace: float) -> None:
-    """Follow the supervisor's stop lines; once standard input ends, stop as SIGTERM does."""
+async def _watch_supervisor(input_fd: int, relay: Relay, brief: WorkerBrief) -> None:
+    """Follow the supervisor's requests; once standard input ends, stop as SIGTERM does."""
     loop = asyncio.get_running_loop()
     gone: asyncio.Future[None] = loop.create_future()
     pipe = os.fdopen(input_fd, "rb", buffering=0, closefd=False)
-    transport, _ = await loop.connect_read_pipe(lambda: _SupervisorPipe(relay, gone), pipe)
+    transport, _ = await loop.connect_read_pipe(lambda: _SupervisorPipe(relay, brief, gone), pipe)
     try:
         await gone
     finally:
         transport.close()
     if not relay.stopping:  # a stop under way keeps its grace
         log.warning("the supervisor is gone (standard input closed): shutting down")
-        relay.request_stop(grace)
+        relay.request_stop(relay.config.shutdown.grace)

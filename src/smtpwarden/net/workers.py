@@ -30,8 +30,16 @@ as a lone relay does; the supervisor waits for them, at most the grace plus
 ``STOP_MARGIN_S``, then SIGKILLs what is left, and exits 0. A second
 SIGTERM or SIGINT is passed on too (the workers' grace ends). A line rather
 than the signal: ``pkill`` reaches the workers directly as well, and the
-signal passed on would be a second one to them. SIGHUP is passed on to
-every ready worker.
+signal passed on would be a second one to them.
+
+SIGHUP: the supervisor reads the configuration file again and checks it as
+a lone relay does (``net.reload``): a file that does not validate, or that
+changes a setting that needs a restart, is refused with its problems logged
+once, here. It then sends every ready worker a reload line on its standard
+input (``net.worker``) with the configuration in force, the new one or the
+running one, which the worker applies to its new sessions (and so reloads
+its certificates). Workers started afterwards are handed the configuration
+in force; one that was starting with an older one gets the line once ready.
 
 Rule 1: after recovery the supervisor never touches the spool, a client or
 an upstream: it starts, watches, signals and scrapes workers.
@@ -51,10 +59,18 @@ import signal
 import sys
 from typing import BinaryIO, Final
 
-from smtpwarden.config import Config, Document, EventLoop
+from smtpwarden.config import Config, ConfigError, Document, EventLoop, config_of, read_document
+from smtpwarden.configreload import changed_sections, restart_changes
 from smtpwarden.net.forwarding import LineForwarder
 from smtpwarden.net.reservation import Reservation
-from smtpwarden.net.worker import STOP, STOP_NOW, WORKER_COMMAND, WorkerBrief, worker_document
+from smtpwarden.net.worker import (
+    STOP,
+    STOP_NOW,
+    WORKER_COMMAND,
+    WorkerBrief,
+    reload_line,
+    worker_document,
+)
 from smtpwarden.net.workerhttp import SupervisorEndpoint
 from smtpwarden.net.workerslot import MAX_STATUS_BYTES, WorkerSlot, describe_exit, read_status
 from smtpwarden.spool import Spool, SpoolError
@@ -77,10 +93,19 @@ STOP_MARGIN_S: Final = 10.0
 class Supervisor:
     """Runs ``config.workers`` relay processes (see the module docstring)."""
 
-    def __init__(self, config: Config, document: Document, *, event_loop: EventLoop | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        document: Document,
+        *,
+        event_loop: EventLoop | None,
+        path: str | None = None,
+    ) -> None:
         self.config = config
         self.document = worker_document(config, document)
         self.event_loop = event_loop
+        self.path = path  # the configuration file, read again on SIGHUP
+        self.generation = 0  # configurations accepted since the start
         self.slots = [WorkerSlot(index) for index in range(config.workers)]
         self.reservation = Reservation()
         self.exit_code = EXIT_OK
@@ -197,7 +222,7 @@ class Supervisor:
             return None
         finally:
             os.close(write_fd)
-        slot.process = process
+        slot.process, slot.generation = process, self.generation
         if self.stopping:  # the stop began while the process was being made
             _send(process, self._stop_signal)
         brief = WorkerBrief(
@@ -254,6 +279,9 @@ class Supervisor:
             return  # it exited first, or does not speak the protocol: its exit will tell
         slot.ready, slot.http = True, http
         log.info("worker %d (pid %d) ready", slot.index, slot.process.pid)
+        if slot.generation != self.generation:  # a reload came while it started
+            self._write(slot, reload_line(self.document, accepted=True))
+            slot.generation = self.generation
         if all(other.ready for other in self.slots):
             log.info("smtpwarden running: %d workers ready", len(self.slots))
         self._any_ready.set()
@@ -323,10 +351,47 @@ class Supervisor:
                 _send(process, signum)
 
     def _on_hangup(self) -> None:
-        ready = [slot.process for slot in self.slots if slot.ready and slot.process is not None]
+        accepted = self._reread()
+        line = reload_line(self.document, accepted=accepted)
+        ready = [slot for slot in self.slots if slot.ready and slot.process is not None]
         log.info("SIGHUP: passed on to %d ready workers", len(ready))
-        for process in ready:
-            _send(process, signal.SIGHUP)
+        for slot in ready:
+            self._write(slot, line)
+            slot.generation = self.generation
+
+    def _reread(self) -> bool:
+        """Read the configuration file again; False (logged) if it is refused."""
+        if self.path is None:
+            return True  # no file: the running configuration, applied again
+        kept = "configuration not reloaded, the running one is kept"
+        try:
+            document = read_document(self.path)
+            config = config_of(document)
+            carried = worker_document(config, document)
+        except ConfigError as error:
+            log.error("%s: %s", kept, error)
+            return False
+        problems = restart_changes(self.config, config)
+        if problems:
+            shown = "\n  ".join(["these settings change only with a restart:", *problems])
+            log.error("%s: %s", kept, shown)
+            return False
+        changed = changed_sections(self.config, config)
+        self.config, self.document = config, carried
+        self.generation += 1
+        log.info(
+            "configuration read again from %s: %s",
+            self.path,
+            "changed " + ", ".join(changed) if changed else "no setting changed",
+        )
+        return True
+
+    @staticmethod
+    def _write(slot: WorkerSlot, line: bytes) -> None:
+        """Write ``line`` on a ready worker's standard input, if it is still open."""
+        process = slot.process
+        if process is not None and process.stdin is not None and not process.stdin.is_closing():
+            process.stdin.write(line)
 
     def _kill_after(self, seconds: float) -> None:
         """SIGKILL the workers left ``seconds`` from now, unless an earlier deadline holds."""
@@ -365,18 +430,20 @@ async def _hand_over(process: asyncio.subprocess.Process, brief: WorkerBrief) ->
         await process.stdin.drain()
 
 
-def run_supervisor(config: Config, document: Document, *, event_loop: EventLoop | None) -> int:
+def run_supervisor(
+    config: Config, document: Document, *, event_loop: EventLoop | None, path: str | None = None
+) -> int:
     """Run ``config.workers`` relay processes until a signal stops them; the exit code.
 
     ``document`` is what ``config`` was parsed from; ``event_loop`` is
     ``run --event-loop``, for the workers. Raises ConfigError when the
-    document cannot be handed to the workers. The supervisor's own loop
-    is asyncio's.
+    document cannot be handed to the workers. ``path`` is the configuration
+    file, read again on SIGHUP. The supervisor's own loop is asyncio's.
     """
     logging.basicConfig(
         level=config.log.level.upper(),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    supervisor = Supervisor(config, document, event_loop=event_loop)
+    supervisor = Supervisor(config, document, event_loop=event_loop, path=path)
     with asyncio.Runner() as runner:
         return runner.run(supervisor.run())

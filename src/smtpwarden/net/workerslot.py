@@ -55,6 +55,7 @@ class WorkerSlot:
     http: tuple[str, int] | None = None
     restarts: int = 0
     backoff: Backoff = field(default_factory=Backoff)
+    generation: int = 0  # the supervisor's configuration the process was handed
 
     @property
     def state(self) -> str:

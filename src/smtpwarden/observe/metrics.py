@@ -431,6 +431,26 @@ class RelayMetrics:
             )
         )
 
+        self.reloads = registry.register(
+            Counter(
+                "smtpwarden_config_reloads_total",
+                "Configuration reloads (SIGHUP), by result: applied or refused.",
+                ("result",),
+            )
+        )
+        self.reload_ok = registry.register(
+            Gauge(
+                "smtpwarden_config_last_reload_successful",
+                "0 after a reload was refused, until one applies; 1 otherwise.",
+            )
+        )
+        self.reload_ok.set(1.0)
+
+    def reloaded(self, applied: bool) -> None:
+        """A reload was applied, or refused with the configuration kept."""
+        self.reloads.inc("applied" if applied else "refused")
+        self.reload_ok.set(1.0 if applied else 0.0)
+
     def observe(self, record: object) -> None:
         """Count one record the relay wrote (a ``RecordLog`` observer)."""
         if isinstance(record, TransactionRecord):

@@ -8,7 +8,8 @@ here formats anything per message chunk or per reply.
 A log that cannot be written (a full disk, a closed pipe) must not stop the
 relay (PRODUCT.md, invariant 6): the records of a failed write are dropped
 and counted, the failure is reported on stderr once per streak, and writing
-resumes when the target accepts data again.
+resumes when the target accepts data again. A reload (SIGHUP) opens the
+file again (``reopen``), for log rotation.
 
 Observers (the metrics) see every record as it is written, session records
 included when they are not logged; one that raises is reported once and
@@ -103,6 +104,21 @@ class RecordLog:
         finally:
             view.release()
             self._buf.clear()
+
+    def reopen(self, target: str, *, sessions: bool) -> None:
+        """Write to ``target`` from now on, opened again even if unchanged (SIGHUP).
+
+        After a rotation has renamed the file, records go to a new one at
+        the configured name. Raises OSError, with nothing changed, if
+        ``target`` cannot be opened; what is buffered goes to the old file.
+        """
+        owned = target != "-"
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640) if owned else None
+        self.flush()
+        if self._owned:
+            os.close(self._fd)
+        self.target, self.sessions, self._owned = target, sessions, owned
+        self._fd = fd if fd is not None else sys.stdout.fileno()
 
     def close(self) -> None:
         """Flush and, for a file, fsync and close it."""

@@ -1,0 +1,137 @@
+"""What a configuration serves with, built before any of it is used.
+
+``Planner.plan`` turns a ``Config`` into a ``Plan``: a ``Target`` for every
+upstream (with its TLS client context, and an embedded sink started for
+each upstream of kind "sink"), the server TLS context of every listener
+that has TLS, and the health checker. The relay builds one at start and
+one on each reload (SIGHUP); whatever fails here (a CA file or a
+certificate that no longer loads) fails before the running configuration
+was touched, so that the reload can be refused whole.
+
+A listener whose handshake the event loop does itself (``configreload.
+native_tls``) keeps the context it was started with for the life of the
+process: a plan leaves it out, and the relay loads the renewed certificate
+into that context instead (``tls.reload``).
+
+Rule: a plan opens no listener and changes no state of the relay; the sinks
+it starts are kept by the planner, one per upstream name and folder, and
+closed when the relay stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from smtpwarden.config import Config, UpstreamConfig
+from smtpwarden.configreload import native_tls
+from smtpwarden.net.healthcheck import HealthChecker
+from smtpwarden.net.sink import start_sink
+from smtpwarden.net.tls import client_context, server_context
+from smtpwarden.net.upstream import Health, Target
+from smtpwarden.observe.metrics import RelayMetrics
+
+log = logging.getLogger("smtpwarden")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """A configuration, and what its sessions use (see the module docstring)."""
+
+    config: Config
+    targets: Mapping[str, Target]  # by upstream name
+    tls: Mapping[str, ssl.SSLContext]  # by listener name; native and plaintext ones left out
+    checker: HealthChecker | None  # None without checks or smtp upstreams
+
+    def route_targets(self) -> dict[str, tuple[Target, ...]]:
+        """Each route's upstreams in order, by route name (for the spool's deliveries)."""
+        return {
+            route.name: tuple(self.targets[name] for name in route.upstreams)
+            for route in self.config.routes
+        }
+
+
+class Planner:
+    """Builds plans, and keeps the embedded sinks they started."""
+
+    def __init__(self, health: Health, metrics: RelayMetrics | None) -> None:
+        self._health = health
+        self._metrics = metrics
+        self.sinks: dict[tuple[str, str], asyncio.Server] = {}
+
+    async def plan(
+        self, config: Config, *, kept: Mapping[str, ssl.SSLContext] | None = None
+    ) -> Plan:
+        """Build the plan of ``config``; raises OSError naming what failed.
+
+        ``kept``: the listeners' contexts in use; a listener whose files no
+        longer load keeps its own (logged), rather than fail the plan.
+        """
+        targets = {item.name: await self._target(item, config) for item in config.upstreams}
+        contexts: dict[str, ssl.SSLContext] = {}
+        for listener in config.listeners:
+            if listener.tls is None or native_tls(listener):
+                continue
+            try:
+                contexts[listener.name] = server_context(listener.tls)
+            except OSError as error:  # ssl.SSLError is one too
+                previous = None if kept is None else kept.get(listener.name)
+                if previous is None:
+                    raise OSError(f"listener {listener.name}: {error}") from error
+                log.error(
+                    "listener %s: certificate not reloaded, the one loaded before is kept: %s",
+                    listener.name,
+                    error,
+                )
+                contexts[listener.name] = previous
+        checker = None
+        smtp = [targets[item.name] for item in config.upstreams if item.kind == "smtp"]
+        if config.health.check_interval > 0 and smtp:
+            try:
+                checker = HealthChecker(smtp, self._health, config, self._metrics)
+            except OSError as error:
+                raise OSError(f"health checks: {error}") from error
+        return Plan(config=config, targets=targets, tls=contexts, checker=checker)
+
+    async def _target(self, upstream: UpstreamConfig, config: Config) -> Target:
+        if upstream.kind == "sink":
+            folder = upstream.path or "mail"
+            server = self.sinks.get((upstream.name, folder))
+            if server is None:
+                server = await start_sink("127.0.0.1", 0, folder, config.hostname)
+                self.sinks[upstream.name, folder] = server
+                log.info(
+                    "upstream %s is the embedded sink on 127.0.0.1:%s writing to %s",
+                    upstream.name,
+                    server.sockets[0].getsockname()[1],
+                    folder,
+                )
+            port = server.sockets[0].getsockname()[1]
+            return Target(name=upstream.name, host="127.0.0.1", port=port)
+        if upstream.tls.mode != "none" and not upstream.tls.verify:
+            log.warning(
+                "upstream %s: TLS certificate verification is off (tls.verify: false): "
+                "anyone between here and it can read and change the mail",
+                upstream.name,
+            )
+        try:
+            context = client_context(upstream.tls)
+        except OSError as error:
+            raise OSError(f"upstream {upstream.name}: {error}") from error
+        return Target(
+            name=upstream.name,
+            host=upstream.host,
+            port=upstream.port,
+            tls=upstream.tls,
+            context=context,
+            xclient=upstream.xclient,
+            xforward=upstream.xforward,
+        )
+
+    def close(self) -> None:
+        """Close every sink started."""
+        for server in self.sinks.values():
+            server.close()
