@@ -11,8 +11,9 @@ them at start:
   a PROXY header), whether it does, and its ``min_version`` and
   ``ciphers`` (its certificate and key do reload);
 - the ``http`` section;
-- ``spool.path`` once a requeue route has opened the spool, and a first
-  requeue route where none had opened it;
+- ``spool.path`` once a requeue route has opened the spool at start, and
+  any requeue route where none had (the spool stays open for the life of
+  the process, even when a reload leaves no route that requeues);
 - ``transcripts.path``.
 
 ``restart_changes`` names each of those that differs; a reload that has
@@ -41,16 +42,23 @@ def has_spool(config: Config) -> bool:
     return any(route.policy == "requeue" for route in config.routes)
 
 
-def restart_changes(old: Config, new: Config) -> list[str]:
+def restart_changes(old: Config, new: Config, *, spool: str | None) -> list[str]:
     """Each setting that differs between ``old`` and ``new`` and needs a restart.
 
-    Each item names the key and shows both values: ``listeners[main].port:
-    2525, now 2526``. Empty when ``new`` can be applied by a reload.
+    ``spool``: the path of the spool the process opened at start, None if
+    it opened none. Each item names the key and shows both values:
+    ``listeners[main].port: 2525, now 2526``. Empty when ``new`` can be
+    applied by a reload.
     """
-    return list(_restart_changes(old, new))
+    return list(_restart_changes(old, new, spool))
 
 
-def _restart_changes(old: Config, new: Config) -> Iterator[str]:
+def spool_opened(config: Config) -> str | None:
+    """The spool a process started with ``config`` opens; None if it opens none."""
+    return config.spool.path if has_spool(config) else None
+
+
+def _restart_changes(old: Config, new: Config, spool: str | None) -> Iterator[str]:
     for key in ("event_loop", "workers", "reuse_port"):
         before, after = getattr(old, key), getattr(new, key)
         if before != after:
@@ -69,9 +77,9 @@ def _restart_changes(old: Config, new: Config) -> Iterator[str]:
             before, after = getattr(old.http, field.name), getattr(new.http, field.name)
             if before != after:
                 yield _change(f"http.{field.name}", before, after)
-    if has_spool(old) and old.spool.path != new.spool.path:
-        yield _change("spool.path", old.spool.path, new.spool.path)
-    if has_spool(new) and not has_spool(old):
+    if spool is not None and new.spool.path != spool:
+        yield _change("spool.path", spool, new.spool.path) + " (the spool opened at start)"
+    if spool is None and has_spool(new):
         yield "routes: a requeue route, where none opened the spool at start"
     if old.transcripts.path != new.transcripts.path:
         yield _change("transcripts.path", old.transcripts.path, new.transcripts.path)

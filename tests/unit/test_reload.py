@@ -19,7 +19,7 @@ import pytest
 import trustme
 
 from smtpwarden.config import Config, ConfigError, Document, LimitsConfig, parse_config
-from smtpwarden.configreload import changed_sections, restart_changes
+from smtpwarden.configreload import changed_sections, restart_changes, spool_opened
 from smtpwarden.net.admission import Admission, Refusal
 from smtpwarden.net.worker import WorkerBrief, read_reload, reload_line
 from smtpwarden.observe.txlog import RecordLog
@@ -66,7 +66,8 @@ def changed(before: dict[str, Any], edit: dict[str, Any] | None = None, **top: A
         for key in keys:
             node = node[int(key)] if key.isdigit() else node.setdefault(key, {})
         node[last] = value
-    return restart_changes(config(before), config(after))
+    running = config(before)
+    return restart_changes(running, config(after), spool=spool_opened(running))
 
 
 @pytest.mark.parametrize(
@@ -106,9 +107,29 @@ def test_listeners_added_or_renamed_need_a_restart(document: dict[str, Any]) -> 
 def test_the_spool_path_is_fixed_only_once_the_spool_is_open(document: dict[str, Any]) -> None:
     assert changed(document, {"spool.path": "other"}) == []
     document["routes"][0]["policy"] = "requeue"
-    assert changed(document, {"spool.path": "other"}) == ['spool.path: "spool", now "other"']
+    assert changed(document, {"spool.path": "other"}) == [
+        'spool.path: "spool", now "other" (the spool opened at start)'
+    ]
     # The last requeue route may go: the spool stays open and is still delivered.
     assert changed(document, {"routes.0.policy": "passthrough"}) == []
+
+
+def test_the_spool_opened_at_start_decides_not_the_running_file(
+    document: dict[str, Any],
+) -> None:
+    started = config(document)  # no requeue: no spool opened
+    document["routes"][0]["policy"] = "requeue"
+    requeue = config(document)
+    assert restart_changes(started, requeue, spool=None) == [
+        "routes: a requeue route, where none opened the spool at start"
+    ]
+    # Started with requeue, reloaded to passthrough, then back: the spool is
+    # still the one opened at start, and only its path is fixed.
+    assert restart_changes(started, requeue, spool="spool") == []
+    document["spool"] = {"path": "other"}
+    assert restart_changes(started, config(document), spool="spool") == [
+        'spool.path: "spool", now "other" (the spool opened at start)'
+    ]
 
 
 @pytest.mark.parametrize(
@@ -122,7 +143,7 @@ def test_the_spool_path_is_fixed_only_once_the_spool_is_open(document: dict[str,
         {"shutdown.grace": 5},
         {"log.transactions": "records.jsonl"},
         {"log.level": "debug"},
-        {"listeners.0.upstream": "mx"},
+        {"listeners.0.proxy_protocol": {"trusted": ["10.0.0.0/8"]}},
         {"listeners.0.allow": ["192.0.2.0/24"]},
         {"listeners.2.tls.min_version": "1.3"},  # a STARTTLS listener builds a new context
         {"listeners.2.tls.require": True},

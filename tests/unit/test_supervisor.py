@@ -9,13 +9,16 @@ reservation, and ``run`` choosing the supervisor.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import io
+import json
 import os
 import socket
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,12 +28,15 @@ from smtpwarden.config import Config, ConfigError, Document, HttpConfig, config_
 from smtpwarden.net import forwarding, reservation
 from smtpwarden.net.metricsmerge import merge
 from smtpwarden.net.worker import (
+    MAX_BRIEF_BYTES,
+    RELOAD,
     WORKER_COMMAND,
     WorkerBrief,
     run_worker,
     worker_config,
     worker_document,
 )
+from smtpwarden.net.workers import Supervisor
 from smtpwarden.net.workerslot import Backoff, WorkerSlot, describe_exit, read_status
 from smtpwarden.observe.metrics import RelayMetrics
 
@@ -337,3 +343,114 @@ def test_a_port_in_use_names_the_listener() -> None:
             reserved.reserve(config.listeners)
         assert reserved.ports.get("busy") is None
         reserved.close()
+
+
+# --- Reloads -------------------------------------------------------------------------
+
+
+def test_a_document_longer_than_a_worker_reads_is_refused() -> None:
+    document = Document({**DATA, "junk": "x" * MAX_BRIEF_BYTES}, "relay.yaml")
+    with pytest.raises(ConfigError, match="bytes, over"):
+        worker_document(config_of(Document(DATA, "relay.yaml")), document)
+
+
+class Pipe:
+    """A worker's standard input, as the supervisor writes it."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.lines.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@dataclasses.dataclass
+class Worker:
+    stdin: Pipe = dataclasses.field(default_factory=Pipe)
+
+    def requests(self) -> list[tuple[bool, object]]:
+        """Each reload line: whether the file was accepted, and its listeners."""
+        found = []
+        for line in self.stdin.lines:
+            assert line.startswith(RELOAD)
+            fields = json.loads(line[len(RELOAD) :])
+            found.append((fields["accepted"], fields["config"]["listeners"][0].get("upstream")))
+        return found
+
+
+def supervised(tmp_path: Path, data: dict[str, object], event_loop: str | None = None) -> Any:
+    path = tmp_path / "relay.yaml"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    document = Document(data, str(path))
+    supervisor = Supervisor(
+        config_of(document),
+        document,
+        event_loop=event_loop,  # type: ignore[arg-type]
+        path=str(path),
+    )
+    workers = [Worker(), Worker()]
+    for slot, worker in zip(supervisor.slots, workers, strict=True):
+        slot.process = worker  # type: ignore[assignment]
+    supervisor.slots[0].ready = True  # the second is still starting
+    return supervisor, path, workers
+
+
+def edit(path: Path, data: dict[str, object]) -> None:
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+UPSTREAMS = [
+    {"name": "up", "host": "mta.example.net", "port": 25},
+    {"name": "other", "host": "mta2.example.net", "port": 25},
+]
+
+
+def test_the_supervisor_hands_a_reload_to_ready_workers_and_to_late_ones(
+    tmp_path: Path,
+) -> None:
+    data: dict[str, Any] = {**DATA, "upstreams": UPSTREAMS}
+    supervisor, path, (ready, starting) = supervised(tmp_path, data)
+    moved = copy.deepcopy(data)
+    moved["listeners"][0]["upstream"] = "other"
+    edit(path, moved)
+    supervisor._on_hangup()
+    assert ready.requests() == [(True, "other")]
+    assert starting.requests() == []
+    # The starting one is told once it is ready, of the file it missed.
+    supervisor._catch_up(supervisor.slots[1])
+    assert starting.requests() == [(True, "other")]
+    supervisor._catch_up(supervisor.slots[1])  # once only
+    assert starting.requests() == [(True, "other")]
+    # A refused file: every worker applies what it runs again, counting a refusal,
+    # a late one too (its log is reopened all the same).
+    edit(path, {**moved, "workers": 3})
+    supervisor.slots[1].ready = False
+    supervisor.slots[1].hangups -= 1  # as if started before this SIGHUP
+    supervisor._on_hangup()
+    assert ready.requests()[-1] == (False, "other")
+    supervisor._catch_up(supervisor.slots[1])
+    assert starting.requests()[-1] == (False, "other")
+    assert supervisor.config.listeners[0].upstream == "other"
+
+
+def test_the_supervisor_compares_with_the_command_line_event_loop(tmp_path: Path) -> None:
+    supervisor, path, (ready, _) = supervised(tmp_path, DATA, event_loop="asyncio")
+    edit(path, {**DATA, "event_loop": "uvloop"})
+    supervisor._on_hangup()
+    assert ready.requests() == [(True, None)]
+
+
+def test_the_supervisor_keeps_the_spool_it_recovered(tmp_path: Path) -> None:
+    requeue = [{"name": "all", "upstreams": ["up"], "policy": "requeue"}]
+    passthrough = [{"name": "all", "upstreams": ["up"], "policy": "passthrough"}]
+    supervisor, path, (ready, _) = supervised(tmp_path, {**DATA, "routes": requeue})
+    edit(path, {**DATA, "routes": passthrough})
+    supervisor._on_hangup()
+    edit(path, {**DATA, "routes": requeue})  # back: the spool is still the one recovered
+    supervisor._on_hangup()
+    edit(path, {**DATA, "routes": requeue, "spool": {"path": "elsewhere"}})
+    supervisor._on_hangup()
+    assert [accepted for accepted, _ in ready.requests()] == [True, True, False]

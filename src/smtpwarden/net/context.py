@@ -2,8 +2,9 @@
 
 Built per listener by the relay, at start and on each reload (SIGHUP): a
 session keeps the one it started with to its end. Sessions read it and
-never change it, except ``draining``, which the relay sets when it shuts
-down.
+never change it. Whether the relay is shutting down (``draining``) is one
+``Draining`` shared by every context the relay ever built, so that a
+session made from a context a reload has since replaced learns it too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ if TYPE_CHECKING:
     from smtpwarden.net.session import Session
 
 
+class Draining:
+    """Whether the relay is shutting down; set once, by the relay."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+
 @dataclass(slots=True, kw_only=True)
 class ListenerContext:
     """What every session of one listener shares."""
@@ -51,8 +61,13 @@ class ListenerContext:
     next_id: Callable[[], str]
     on_end: Callable[[], None]  # a session ended, or its client connection closed
     capture: ListenerCapture  # whether sessions are recorded, and where transcripts go
+    shutdown: Draining  # the relay's, shared by every context
     metrics: RelayMetrics | None = None  # None when the HTTP endpoint is off
-    draining: bool = False
+
+    @property
+    def draining(self) -> bool:
+        """True once the relay is shutting down."""
+        return self.shutdown.on
 
     @property
     def upstream_record(self) -> Upstream:

@@ -102,6 +102,15 @@ class HealthChecker:
         self._tls_failure: dict[str, str | None] = {}  # the same for the extra STARTTLS
         self._warned: dict[str, float] = {}  # the expiry last warned about
 
+    def carry_from(self, other: HealthChecker) -> None:
+        """Take over what ``other`` (the checker before a reload) has seen and said.
+
+        Failures and certificate warnings already logged are not logged again.
+        """
+        self._last.update(other._last)
+        self._tls_failure.update(other._tls_failure)
+        self._warned.update(other._warned)
+
     async def run(self) -> None:
         """Check every upstream, then again every ``check_interval``, until cancelled."""
         await asyncio.gather(*(self._watch(probe) for probe in self.probes))

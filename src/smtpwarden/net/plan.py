@@ -13,9 +13,15 @@ native_tls``) keeps the context it was started with for the life of the
 process: a plan leaves it out, and the relay loads the renewed certificate
 into that context instead (``tls.reload``).
 
+When a file that loaded before no longer does (a CA file being replaced
+as the reload comes), an upstream or listener whose settings did not change
+keeps the context it has, and the failure is logged; only a new setting
+that cannot be built fails the plan.
+
 Rule: a plan opens no listener and changes no state of the relay; the sinks
-it starts are kept by the planner, one per upstream name and folder, and
-closed when the relay stops.
+it starts are kept by the planner, one per upstream name, folder and
+hostname, until a plan installed no longer uses them (``retain``) or the
+relay stops.
 """
 
 from __future__ import annotations
@@ -60,17 +66,26 @@ class Planner:
     def __init__(self, health: Health, metrics: RelayMetrics | None) -> None:
         self._health = health
         self._metrics = metrics
-        self.sinks: dict[tuple[str, str], asyncio.Server] = {}
+        self.sinks: dict[tuple[str, str, str], asyncio.Server] = {}
+        self._closed = False
 
     async def plan(
-        self, config: Config, *, kept: Mapping[str, ssl.SSLContext] | None = None
+        self,
+        config: Config,
+        *,
+        kept: Mapping[str, ssl.SSLContext] | None = None,
+        targets: Mapping[str, Target] | None = None,
     ) -> Plan:
         """Build the plan of ``config``; raises OSError naming what failed.
 
-        ``kept``: the listeners' contexts in use; a listener whose files no
-        longer load keeps its own (logged), rather than fail the plan.
+        ``kept``: the listeners' contexts in use, and ``targets`` the
+        upstreams: one whose files no longer load keeps its own (logged)
+        when its settings are unchanged, rather than fail the plan.
         """
-        targets = {item.name: await self._target(item, config) for item in config.upstreams}
+        built = {
+            item.name: await self._target(item, config, (targets or {}).get(item.name))
+            for item in config.upstreams
+        }
         contexts: dict[str, ssl.SSLContext] = {}
         for listener in config.listeners:
             if listener.tls is None or native_tls(listener):
@@ -88,21 +103,36 @@ class Planner:
                 )
                 contexts[listener.name] = previous
         checker = None
-        smtp = [targets[item.name] for item in config.upstreams if item.kind == "smtp"]
+        smtp = [built[item.name] for item in config.upstreams if item.kind == "smtp"]
         if config.health.check_interval > 0 and smtp:
             try:
                 checker = HealthChecker(smtp, self._health, config, self._metrics)
             except OSError as error:
                 raise OSError(f"health checks: {error}") from error
-        return Plan(config=config, targets=targets, tls=contexts, checker=checker)
+        return Plan(config=config, targets=built, tls=contexts, checker=checker)
 
-    async def _target(self, upstream: UpstreamConfig, config: Config) -> Target:
+    def retain(self, plan: Plan) -> None:
+        """Close the sinks ``plan`` does not use (the plan now installed).
+
+        A session still connected to one goes on: closing a server stops
+        only its listening socket.
+        """
+        used = {_sink_key(item, plan.config) for item in plan.config.upstreams}
+        for key in [key for key in self.sinks if key not in used]:
+            self.sinks.pop(key).close()
+
+    async def _target(
+        self, upstream: UpstreamConfig, config: Config, previous: Target | None
+    ) -> Target:
         if upstream.kind == "sink":
+            if self._closed:
+                raise OSError("the relay is stopping")
             folder = upstream.path or "mail"
-            server = self.sinks.get((upstream.name, folder))
+            key = _sink_key(upstream, config)
+            server = self.sinks.get(key)
             if server is None:
                 server = await start_sink("127.0.0.1", 0, folder, config.hostname)
-                self.sinks[upstream.name, folder] = server
+                self.sinks[key] = server
                 log.info(
                     "upstream %s is the embedded sink on 127.0.0.1:%s writing to %s",
                     upstream.name,
@@ -120,7 +150,14 @@ class Planner:
         try:
             context = client_context(upstream.tls)
         except OSError as error:
-            raise OSError(f"upstream {upstream.name}: {error}") from error
+            if previous is None or previous.tls != upstream.tls:
+                raise OSError(f"upstream {upstream.name}: {error}") from error
+            log.error(
+                "upstream %s: TLS files not reloaded, the ones loaded before are kept: %s",
+                upstream.name,
+                error,
+            )
+            context = previous.context
         return Target(
             name=upstream.name,
             host=upstream.host,
@@ -132,6 +169,13 @@ class Planner:
         )
 
     def close(self) -> None:
-        """Close every sink started."""
+        """Close every sink started; plans made afterwards start none."""
+        self._closed = True
         for server in self.sinks.values():
             server.close()
+        self.sinks.clear()
+
+
+def _sink_key(upstream: UpstreamConfig, config: Config) -> tuple[str, str, str]:
+    """What a sink is started with: the upstream's name, its folder, the hostname."""
+    return upstream.name, upstream.path or "mail", config.hostname

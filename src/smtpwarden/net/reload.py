@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from smtpwarden.config import Config, ConfigError
 from smtpwarden.configreload import changed_sections, restart_changes
+from smtpwarden.configtls import ListenerTls
 from smtpwarden.net.tls import reload as reload_certificate
 
 if TYPE_CHECKING:
@@ -67,10 +68,18 @@ class Reloads:
             if relay.stopping:
                 log.info("shutting down: configuration not reloaded")
                 return False
-            new = None if refused else self._read(config)
-            applied = new is not None and await self._apply(new, again=False)
+            try:
+                new = None if refused else self._read(config)
+                applied = new is not None and await self._apply(new, again=False)
+            except Exception:
+                # A bug here must not leave the relay without its log reopened.
+                log.exception("configuration not reloaded, %s", KEPT)
+                applied = False
             if not applied and not relay.stopping:
-                await self._apply(relay.config, again=True)
+                try:
+                    await self._apply(relay.config, again=True)
+                except Exception:
+                    log.exception("the running configuration could not be applied again")
             if relay.metrics is not None:
                 relay.metrics.reloaded(applied)
             return applied
@@ -84,7 +93,7 @@ class Reloads:
         except ConfigError as error:
             log.error("configuration not reloaded, %s: %s", KEPT, error)
             return None
-        problems = restart_changes(running, config)
+        problems = restart_changes(running, config, spool=self._relay.spool_path)
         if problems:
             log.error(
                 "configuration not reloaded, %s: %s",
@@ -97,23 +106,27 @@ class Reloads:
     async def _apply(self, config: Config, *, again: bool) -> bool:
         """Plan ``config`` and serve new sessions with it; False (logged) if it fails.
 
-        ``again``: the running configuration, applied again after a refusal.
+        ``again``: the running configuration, applied again after a refusal:
+        whatever fails, the log is reopened and the certificates the plan
+        does not hold are reloaded.
         """
         relay = self._relay
+        planner = relay.planner
+        if planner is None:  # not started: nothing to reload
+            return False
         kept = {
             name: ctx.tls_context
             for name, (ctx, _) in relay.serving.items()
             if ctx.tls_context is not None and name not in relay.native
         }
-        planner = relay.planner
-        if planner is None:  # not started: nothing to reload
-            return False
+        plan = None
         try:
-            plan = await planner.plan(config, kept=kept)
+            plan = await planner.plan(config, kept=kept, targets=relay.targets)
         except OSError as error:
-            what = "nothing reloaded" if again else "configuration not reloaded"
+            what = "TLS files not reloaded" if again else "configuration not reloaded"
             log.error("%s, %s: %s", what, KEPT, error)
-            return False
+            if not again:
+                return False
         if relay.stopping:
             return False
         path = config.log.transactions
@@ -124,12 +137,15 @@ class Reloads:
             if not again:
                 log.error("configuration not reloaded, %s", KEPT)
                 return False
+        by_name = {listener.name: listener for listener in config.listeners}
+        for name, context in relay.native.items():
+            self._reload_native(name, context, by_name[name].tls)
+        if plan is None:
+            return False
         before = relay.config
         relay.install(plan)
         if config.log.level != before.log.level:
             logging.getLogger().setLevel(config.log.level.upper())
-        for name, context in relay.native.items():
-            self._reload_native(name, context)
         for name, context in plan.tls.items():
             if context is not kept.get(name):
                 log.info("listener %s: certificate reloaded", name)
@@ -140,12 +156,19 @@ class Reloads:
                 config.source,
                 "changed " + ", ".join(changed) if changed else "no setting changed",
             )
+            gone = {route.name for route in before.routes} - {r.name for r in config.routes}
+            if relay.spool is not None and gone:
+                log.warning(
+                    "routes %s are gone: messages they spooled wait for a route of that "
+                    "name (until spool.max_age)",
+                    ", ".join(sorted(gone)),
+                )
         return True
 
-    def _reload_native(self, name: str, context: ssl.SSLContext) -> None:
+    @staticmethod
+    def _reload_native(name: str, context: ssl.SSLContext, tls: ListenerTls | None) -> None:
         """Load a native listener's certificate again into the context it serves with."""
-        tls = self._relay.serving[name][0].listener.tls
-        if tls is None:
+        if tls is None:  # a native listener keeps its TLS (configreload)
             return
         try:
             reload_certificate(context, tls)

@@ -39,10 +39,10 @@ import time
 from collections.abc import Callable, Mapping
 
 from smtpwarden.config import Config, ListenerConfig, RouteConfig, route_for
-from smtpwarden.configreload import has_spool, native_tls
+from smtpwarden.configreload import native_tls, spool_opened
 from smtpwarden.configroutes import domain_routes
 from smtpwarden.net.admission import Admission
-from smtpwarden.net.context import ListenerContext
+from smtpwarden.net.context import Draining, ListenerContext
 from smtpwarden.net.ending import LINGER_S
 from smtpwarden.net.healthcheck import HealthChecker
 from smtpwarden.net.loop import loop_factory
@@ -101,10 +101,11 @@ class Relay:
         self.serving: dict[str, tuple[ListenerContext, Upstream]] = {}
         # Listeners whose handshake the event loop does: their one context.
         self.native: dict[str, ssl.SSLContext] = {}
-        self._targets: Mapping[str, Target] = {}
+        self.targets: Mapping[str, Target] = {}
         self.planner: Planner | None = None
         self.reloads = Reloads(self, load)
         self.spool: Spool | None = None
+        self.spool_path: str | None = None  # the spool opened at start
         self.runner: QueueRunner | None = None
         self._runner: asyncio.Task[None] | None = None
         self.health = Health(config.health)
@@ -116,7 +117,7 @@ class Relay:
         self._checker: asyncio.Task[None] | None = None
         self._tick: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
-        self._draining = False
+        self._shutdown = Draining()
         self.stopped = asyncio.Event()
         self._drained = asyncio.Event()  # no session left open
         self._gone = asyncio.Event()  # no client connection left
@@ -153,8 +154,9 @@ class Relay:
         for listener in config.listeners:
             if listener.tls is not None and native_tls(listener):
                 self.native[listener.name] = server_context(listener.tls)
-        if has_spool(config):
-            self.spool = Spool(config.spool.path)
+        self.spool_path = spool_opened(config)
+        if self.spool_path is not None:
+            self.spool = Spool(self.spool_path)
             if self.recover_spool:
                 report = self.spool.recover()
                 log.info("spool %s: %s", config.spool.path, report.summary())
@@ -211,9 +213,9 @@ class Relay:
         self.admission.configure(config.limits)
         self.health.configure(config.health)
         for name, target in plan.targets.items():
-            if name in self._targets and self._targets[name] != target:
+            if name in self.targets and self.targets[name] != target:
                 self.health.forget(name)  # another address: what was known no longer holds
-        self._targets = plan.targets
+        self.targets = plan.targets
         self.recording.configure(config)
         replies = LocalReplies.for_host(config.hostname)
         for listener in config.listeners:
@@ -239,13 +241,18 @@ class Relay:
                 next_id=self._next_id,
                 on_end=self._session_ended,
                 capture=self.recording.listeners[listener.name],
+                shutdown=self._shutdown,
                 metrics=self.metrics,
             )
             self.serving[listener.name] = (ctx, ctx.upstream_record)
         if self._checker is not None:
             self._checker.cancel()
             self._checker = None
+        if self.checker is not None and plan.checker is not None:
+            plan.checker.carry_from(self.checker)
         self.checker = plan.checker
+        if self.planner is not None:
+            self.planner.retain(plan)
         if plan.checker is not None:
             self._checker = asyncio.get_running_loop().create_task(plan.checker.run())
         if self.runner is not None:
@@ -264,7 +271,7 @@ class Relay:
                 open_sessions=self._open_session_listeners,
                 servers=self.servers,
                 spool=self.spool,
-                draining=lambda: self._draining,
+                draining=lambda: self._shutdown.on,
             )
             await self.telemetry.start()
 
@@ -299,12 +306,7 @@ class Relay:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, drain sessions for up to ``grace`` seconds, close."""
-        self._draining = True
-        # Sessions started before a reload hold the context they started with.
-        contexts = {id(ctx): ctx for ctx, _ in self.serving.values()}
-        contexts.update((id(session.ctx), session.ctx) for session in self.sessions)
-        for ctx in contexts.values():
-            ctx.draining = True
+        self._shutdown.on = True  # every context ever installed says so
         for server in self.servers.values():
             server.close()
         if self._checker is not None:
@@ -357,7 +359,7 @@ class Relay:
         return any(not session.closed for session in self.sessions)
 
     def _session_ended(self) -> None:
-        if self._draining:
+        if self._shutdown.on:
             if not self._open_sessions():
                 self._drained.set()
             if not self.sessions:

@@ -150,9 +150,10 @@ def worker_config(config: Config, brief: WorkerBrief) -> Config:
 def worker_document(config: Config, document: Document) -> Document:
     """``document`` as the workers will read it: through JSON, and checked.
 
-    Raises ConfigError when JSON cannot carry it, or when it would not give
+    Raises ConfigError when JSON cannot carry it, when it would not give
     the workers the configuration the supervisor runs (YAML data that JSON
-    changes, such as a mapping key that is not a string).
+    changes, such as a mapping key that is not a string), or when it is
+    longer than a worker reads (``MAX_BRIEF_BYTES``).
     """
     probe = WorkerBrief(
         index=0,
@@ -164,9 +165,14 @@ def worker_document(config: Config, document: Document) -> Document:
     )
     problem = ["the configuration cannot be handed to worker processes as JSON"]
     try:
-        carried = WorkerBrief.decode(probe.encode()).config
+        line = probe.encode()
+        carried = WorkerBrief.decode(line).config
     except (TypeError, ValueError) as error:
         raise ConfigError(document.source, [f"{problem[0]}: {error}"]) from None
+    if len(line) > MAX_BRIEF_BYTES:
+        raise ConfigError(
+            document.source, [f"{problem[0]}: {len(line)} bytes, over {MAX_BRIEF_BYTES}"]
+        )
     if parse_config(carried, source=document.source) != config:
         raise ConfigError(document.source, problem)
     return Document(carried, document.source)
@@ -262,7 +268,9 @@ class _SupervisorPipe(asyncio.Protocol):
                 self._reload(line[len(RELOAD) :])
             else:
                 self._command(line.decode("ascii", "replace").split())
-        if len(self._buf) > MAX_BRIEF_BYTES:
+        # A reload line carries a document the supervisor checked against
+        # MAX_BRIEF_BYTES (worker_document), with a few fields around it.
+        if len(self._buf) > 2 * MAX_BRIEF_BYTES:
             log.warning("unexpected input from the supervisor: ignored")
             self._buf.clear()
 

@@ -39,7 +39,8 @@ once, here. It then sends every ready worker a reload line on its standard
 input (``net.worker``) with the configuration in force, the new one or the
 running one, which the worker applies to its new sessions (and so reloads
 its certificates). Workers started afterwards are handed the configuration
-in force; one that was starting with an older one gets the line once ready.
+in force; one that was starting during a SIGHUP gets the last reload line
+once ready (its log, opened before, must be reopened too).
 
 Rule 1: after recovery the supervisor never touches the spool, a client or
 an upstream: it starts, watches, signals and scrapes workers.
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -60,7 +62,7 @@ import sys
 from typing import BinaryIO, Final
 
 from smtpwarden.config import Config, ConfigError, Document, EventLoop, config_of, read_document
-from smtpwarden.configreload import changed_sections, restart_changes
+from smtpwarden.configreload import changed_sections, restart_changes, spool_opened
 from smtpwarden.net.forwarding import LineForwarder
 from smtpwarden.net.reservation import Reservation
 from smtpwarden.net.worker import (
@@ -105,7 +107,10 @@ class Supervisor:
         self.document = worker_document(config, document)
         self.event_loop = event_loop
         self.path = path  # the configuration file, read again on SIGHUP
+        self.spool_path = spool_opened(config)  # recovered here, fixed for the workers
         self.generation = 0  # configurations accepted since the start
+        self.hangups = 0  # SIGHUPs since the start
+        self.last_accepted = True  # whether the last SIGHUP's file was
         self.slots = [WorkerSlot(index) for index in range(config.workers)]
         self.reservation = Reservation()
         self.exit_code = EXIT_OK
@@ -222,7 +227,7 @@ class Supervisor:
             return None
         finally:
             os.close(write_fd)
-        slot.process, slot.generation = process, self.generation
+        slot.process, slot.generation, slot.hangups = process, self.generation, self.hangups
         if self.stopping:  # the stop began while the process was being made
             _send(process, self._stop_signal)
         brief = WorkerBrief(
@@ -279,9 +284,7 @@ class Supervisor:
             return  # it exited first, or does not speak the protocol: its exit will tell
         slot.ready, slot.http = True, http
         log.info("worker %d (pid %d) ready", slot.index, slot.process.pid)
-        if slot.generation != self.generation:  # a reload came while it started
-            self._write(slot, reload_line(self.document, accepted=True))
-            slot.generation = self.generation
+        self._catch_up(slot)
         if all(other.ready for other in self.slots):
             log.info("smtpwarden running: %d workers ready", len(self.slots))
         self._any_ready.set()
@@ -351,13 +354,28 @@ class Supervisor:
                 _send(process, signum)
 
     def _on_hangup(self) -> None:
-        accepted = self._reread()
-        line = reload_line(self.document, accepted=accepted)
+        self.hangups += 1
+        self.last_accepted = self._reread()
+        line = reload_line(self.document, accepted=self.last_accepted)
         ready = [slot for slot in self.slots if slot.ready and slot.process is not None]
         log.info("SIGHUP: passed on to %d ready workers", len(ready))
         for slot in ready:
             self._write(slot, line)
-            slot.generation = self.generation
+            slot.generation, slot.hangups = self.generation, self.hangups
+
+    def _catch_up(self, slot: WorkerSlot) -> None:
+        """A worker now ready missed reloads while it started: the last one, for it."""
+        if slot.hangups == self.hangups:
+            return
+        accepted = slot.generation != self.generation or self.last_accepted
+        self._write(slot, reload_line(self.document, accepted=accepted))
+        slot.generation, slot.hangups = self.generation, self.hangups
+
+    def _as_run(self, config: Config) -> Config:
+        """``config`` with ``run --event-loop`` applied, as the workers run it."""
+        if self.event_loop is None:
+            return config
+        return dataclasses.replace(config, event_loop=self.event_loop)
 
     def _reread(self) -> bool:
         """Read the configuration file again; False (logged) if it is refused."""
@@ -371,12 +389,16 @@ class Supervisor:
         except ConfigError as error:
             log.error("%s: %s", kept, error)
             return False
-        problems = restart_changes(self.config, config)
+        problems = restart_changes(
+            self._as_run(self.config), self._as_run(config), spool=self.spool_path
+        )
         if problems:
             shown = "\n  ".join(["these settings change only with a restart:", *problems])
             log.error("%s: %s", kept, shown)
             return False
         changed = changed_sections(self.config, config)
+        if config.log.level != self.config.log.level:
+            logging.getLogger().setLevel(config.log.level.upper())
         self.config, self.document = config, carried
         self.generation += 1
         log.info(

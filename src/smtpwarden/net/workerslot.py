@@ -56,6 +56,7 @@ class WorkerSlot:
     restarts: int = 0
     backoff: Backoff = field(default_factory=Backoff)
     generation: int = 0  # the supervisor's configuration the process was handed
+    hangups: int = 0  # the supervisor's SIGHUPs the process has had
 
     @property
     def state(self) -> str:
