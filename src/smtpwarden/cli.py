@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -346,6 +347,10 @@ def _plural(count: int, noun: str) -> str:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    # Until the relay handles it: SIGHUP's default action would end a relay
+    # still starting (a reload asked for during a restart), and a service
+    # manager would take that for a clean exit. The start reads every file.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if args.config is not None and (args.listen is not None or args.upstream is not None):
         parser.error("--config cannot be combined with --listen or --upstream")
     if (args.listen is None) != (args.upstream is None):

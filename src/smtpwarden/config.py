@@ -385,6 +385,10 @@ def read_document(path: str | os.PathLike[str]) -> Document:
             loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(source, [yaml_problem(err)]) from err
+    except ValueError as err:  # a value the loader cannot build: a date like 2024-02-30
+        raise ConfigError(source, [f"invalid YAML value: {err}"]) from err
+    except RecursionError as err:
+        raise ConfigError(source, ["invalid YAML: nested too deeply"]) from err
     return Document(data, source, tuple(duplicates))
 
 

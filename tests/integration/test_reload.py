@@ -43,6 +43,8 @@ from integration.relay_harness import (
 )
 from integration.supervised import START_TIMEOUT_S, Supervised
 from integration.test_certificate_reload import subject_of
+from smtpwarden.config import parse_config
+from smtpwarden.net.server import Relay
 
 LISTENER_LINE = re.compile(r"listener main on 127\.0\.0\.1:(\d+) relays to")
 HTTP_LINE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
@@ -333,7 +335,8 @@ def test_an_implicit_tls_listener_takes_its_renewed_certificate(
     tmp_path: Path, loop_kind: str, upstreams: dict[str, RawUpstream]
 ) -> None:
     """The event loop does this listener's handshakes with the context it
-    started with: a reload loads the renewed certificate into it."""
+    started with: a reload hands new handshakes to the renewed certificate,
+    here of another key type (ECDSA, then RSA)."""
     ca = trustme.CA()
     first = issue(ca, "first.relay.test")
     (tmp_path / "cert.pem").write_bytes(first[0])
@@ -350,7 +353,7 @@ def test_an_implicit_tls_listener_takes_its_renewed_certificate(
     try:
         relay.wait_ready()
         assert subject(relay.address, context) == "first.relay.test"
-        second = issue(ca, "second.relay.test")
+        second = issue(ca, "second.relay.test", trustme.KeyType.RSA)
         (tmp_path / "cert.pem").write_bytes(second[0])
         (tmp_path / "key.pem").write_bytes(second[1])
         relay.hup(APPLIED)
@@ -359,8 +362,10 @@ def test_an_implicit_tls_listener_takes_its_renewed_certificate(
         relay.process.close()
 
 
-def issue(ca: trustme.CA, name: str) -> tuple[bytes, bytes]:
-    leaf = ca.issue_cert("127.0.0.1", common_name=name)
+def issue(
+    ca: trustme.CA, name: str, key_type: trustme.KeyType = trustme.KeyType.ECDSA
+) -> tuple[bytes, bytes]:
+    leaf = ca.issue_cert("127.0.0.1", common_name=name, key_type=key_type)
     return b"".join(pem.bytes() for pem in leaf.cert_chain_pems), leaf.private_key_pem.bytes()
 
 
@@ -389,3 +394,32 @@ def test_sessions_of_a_replaced_context_learn_of_the_shutdown(
     running.begin_stop(1.0).result(WAIT_S)
     assert before.draining
     assert after.draining
+
+
+def test_a_worker_opens_the_spool_its_supervisor_recovered(
+    tmp_path: Path, raw_upstream: RawUpstream
+) -> None:
+    """A worker started after a reload removed every requeue route still opens
+    and delivers the spool, so that a requeue route may come back."""
+    document = relay_document("asyncio", tmp_path / "log.jsonl", {"up": raw_upstream}, "up")
+    spool = str(tmp_path / "spool")
+    document["http"] = {"enabled": False}
+    document["spool"] = {"path": spool}
+    config = parse_config(document, source="test")  # no requeue route
+    document["routes"] = [{"name": "main", "upstreams": ["up"], "policy": "requeue"}]
+    requeue = parse_config(document, source="test")
+
+    async def run() -> tuple[bool, bool, bool]:
+        relay = Relay(config, spool_path=spool, recover_spool=False)
+        await relay.start()
+        try:
+            opened = relay.spool is not None and relay.runner is not None
+            applied = await relay.reloads.reload(requeue)
+            document["spool"] = {"path": str(tmp_path / "other")}
+            moved = await relay.reloads.reload(parse_config(document, source="test"))
+        finally:
+            await relay.stop(0.0)
+            relay.close_log()
+        return opened, applied, moved
+
+    assert asyncio.run(run()) == (True, True, False)

@@ -4,7 +4,7 @@
 kind, against upstreams that serve certificates from a trustme CA: aiosmtpd
 (a real implementation, refusing MAIL before STARTTLS) and a scripted
 server that records on which leg each command came and can misbehave. The
-listener side's contexts (``server_context`` and ``reload``) are checked
+listener side's contexts (``server_context`` and ``Switchable``) are checked
 with handshakes of their own.
 """
 
@@ -33,12 +33,12 @@ from smtpwarden.configtls import ListenerTls, UpstreamTls, UpstreamTlsMode
 from smtpwarden.net.delivery import Attempt, Envelope, deliver
 from smtpwarden.net.loop import LoopChoice, loop_factory
 from smtpwarden.net.tls import (
+    Switchable,
     TlsFailure,
     TlsInfo,
     client_context,
     describe,
     open_stream,
-    reload,
     server_context,
     server_name,
     start_tls,
@@ -416,7 +416,7 @@ def test_server_name_and_starttls_policy() -> None:
     assert starttls_policy(UpstreamTls(mode="starttls", required=False)) == "opportunistic"
 
 
-# --- The listener side: server_context and reload ---------------------------------
+# --- The listener side: server_context and Switchable -----------------------------
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -435,24 +435,27 @@ async def handshake(
     return reader, writer, describe(writer)
 
 
-def test_reload_changes_new_handshakes_only(
+def test_a_switchable_context_changes_new_handshakes_only(
     run: Run[None], ca: trustme.CA, ca_file: str, tmp_path: Path
 ) -> None:
     first = write_pair(ca.issue_cert("127.0.0.1", common_name="first.test"), tmp_path, "first")
-    second = write_pair(ca.issue_cert("127.0.0.1", common_name="second.test"), tmp_path, "second")
-    context = server_context(ListenerTls(certificate=first[0], key=first[1], mode="implicit"))
+    # Another key type: loaded into the same context, it would sit beside the
+    # first, and a client that takes either would still be given the first.
+    rsa = ca.issue_cert("127.0.0.1", common_name="second.test", key_type=trustme.KeyType.RSA)
+    second = write_pair(rsa, tmp_path, "second")
+    switchable = Switchable(ListenerTls(certificate=first[0], key=first[1], mode="implicit"))
     client = client_context(UpstreamTls(mode="implicit", ca_file=ca_file))
     assert client is not None
 
     async def scenario() -> None:
-        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=context)
+        server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=switchable.front)
         port = server.sockets[0].getsockname()[1]
         reader, writer, before = await handshake(port, client)
-        reload(context, ListenerTls(certificate=second[0], key=second[1]))
+        switchable.current = server_context(ListenerTls(certificate=second[0], key=second[1]))
         _, late, after = await handshake(port, client)
-        # A pair that does not match leaves the context as it was.
+        # A pair that does not match cannot be built: the current one stays.
         with pytest.raises(ssl.SSLError):
-            reload(context, ListenerTls(certificate=first[0], key=second[1]))
+            server_context(ListenerTls(certificate=first[0], key=second[1]))
         _, last, still = await handshake(port, client)
         writer.write(b"still here\r\n")
         assert await reader.readline() == b"still here\r\n"  # the live session goes on

@@ -96,6 +96,8 @@ def test_check_config_reports_every_problem(
     [
         pytest.param(None, "cannot read the file", id="missing"),
         pytest.param("a: [1\n", "invalid YAML", id="syntax"),
+        pytest.param("hostname: 2024-02-30\n", "invalid YAML value: day is out", id="date"),
+        pytest.param("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply", id="deep"),
     ],
 )
 def test_check_config_unloadable(

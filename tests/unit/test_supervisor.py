@@ -117,7 +117,7 @@ def test_slot_states() -> None:
 
 
 def test_brief_round_trip() -> None:
-    sent = brief(event_loop="uvloop")
+    sent = brief(event_loop="uvloop", spool="/var/lib/smtpwarden/spool")
     line = sent.encode()
     assert line.endswith(b"\n")
     assert line.count(b"\n") == 1
@@ -135,6 +135,7 @@ def test_brief_round_trip() -> None:
         (b'{"event_loop": "twisted"}\n', "event_loop: expected one of auto, uvloop, asyncio"),
         (b'{"ports": {"main": 0}}\n', "ports: expected a mapping of listener names"),
         (b'{"status_fd": "x"}\n', "status_fd: expected a file descriptor"),
+        (b'{"spool": 1}\n', "spool: expected a path or null"),
         (b"{}\n", "config: missing"),
     ],
 )

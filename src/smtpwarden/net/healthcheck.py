@@ -103,13 +103,21 @@ class HealthChecker:
         self._warned: dict[str, float] = {}  # the expiry last warned about
 
     def carry_from(self, other: HealthChecker) -> None:
-        """Take over what ``other`` (the checker before a reload) has seen and said.
-
-        Failures and certificate warnings already logged are not logged again.
-        """
-        self._last.update(other._last)
-        self._tls_failure.update(other._tls_failure)
-        self._warned.update(other._warned)
+        """Take over what ``other`` (the checker before a reload) has seen and said
+        of each upstream it checked the same way: failures and certificate
+        warnings already logged are not logged again. An upstream with another
+        address or TLS starts afresh."""
+        before = {probe.target.name: probe.target for probe in other.probes}
+        for probe in self.probes:
+            name = probe.target.name
+            if before.get(name) != probe.target:
+                continue
+            if name in other._last:
+                self._last[name] = other._last[name]
+            if name in other._tls_failure:
+                self._tls_failure[name] = other._tls_failure[name]
+            if name in other._warned:
+                self._warned[name] = other._warned[name]
 
     async def run(self) -> None:
         """Check every upstream, then again every ``check_interval``, until cancelled."""

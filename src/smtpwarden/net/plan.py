@@ -11,7 +11,7 @@ was touched, so that the reload can be refused whole.
 A listener whose handshake the event loop does itself (``configreload.
 native_tls``) keeps the context it was started with for the life of the
 process: a plan leaves it out, and the relay loads the renewed certificate
-into that context instead (``tls.reload``).
+into a context that context hands its handshakes to (``tls.Switchable``).
 
 When a file that loaded before no longer does (a CA file being replaced
 as the reload comes), an upstream or listener whose settings did not change
@@ -19,9 +19,9 @@ keeps the context it has, and the failure is logged; only a new setting
 that cannot be built fails the plan.
 
 Rule: a plan opens no listener and changes no state of the relay; the sinks
-it starts are kept by the planner, one per upstream name, folder and
-hostname, until a plan installed no longer uses them (``retain``) or the
-relay stops.
+it starts are kept by the planner, one per upstream name and folder, until
+the relay stops (a session or a replay from before a reload may still use
+one), and keep the hostname they started with.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from smtpwarden.config import Config, UpstreamConfig
 from smtpwarden.configreload import native_tls
+from smtpwarden.configtls import ListenerTls
 from smtpwarden.net.healthcheck import HealthChecker
 from smtpwarden.net.sink import start_sink
 from smtpwarden.net.tls import client_context, server_context
@@ -66,21 +67,22 @@ class Planner:
     def __init__(self, health: Health, metrics: RelayMetrics | None) -> None:
         self._health = health
         self._metrics = metrics
-        self.sinks: dict[tuple[str, str, str], asyncio.Server] = {}
+        self.sinks: dict[tuple[str, str], asyncio.Server] = {}
         self._closed = False
 
     async def plan(
         self,
         config: Config,
         *,
-        kept: Mapping[str, ssl.SSLContext] | None = None,
+        kept: Mapping[str, tuple[ssl.SSLContext, ListenerTls]] | None = None,
         targets: Mapping[str, Target] | None = None,
     ) -> Plan:
         """Build the plan of ``config``; raises OSError naming what failed.
 
-        ``kept``: the listeners' contexts in use, and ``targets`` the
-        upstreams: one whose files no longer load keeps its own (logged)
-        when its settings are unchanged, rather than fail the plan.
+        ``kept``: the listeners' contexts in use with their settings, and
+        ``targets`` the upstreams: one whose files no longer load keeps its
+        own (logged) when its settings are unchanged, rather than fail the
+        plan.
         """
         built = {
             item.name: await self._target(item, config, (targets or {}).get(item.name))
@@ -94,14 +96,14 @@ class Planner:
                 contexts[listener.name] = server_context(listener.tls)
             except OSError as error:  # ssl.SSLError is one too
                 previous = None if kept is None else kept.get(listener.name)
-                if previous is None:
+                if previous is None or previous[1] != listener.tls:
                     raise OSError(f"listener {listener.name}: {error}") from error
                 log.error(
                     "listener %s: certificate not reloaded, the one loaded before is kept: %s",
                     listener.name,
                     error,
                 )
-                contexts[listener.name] = previous
+                contexts[listener.name] = previous[0]
         checker = None
         smtp = [built[item.name] for item in config.upstreams if item.kind == "smtp"]
         if config.health.check_interval > 0 and smtp:
@@ -111,27 +113,17 @@ class Planner:
                 raise OSError(f"health checks: {error}") from error
         return Plan(config=config, targets=built, tls=contexts, checker=checker)
 
-    def retain(self, plan: Plan) -> None:
-        """Close the sinks ``plan`` does not use (the plan now installed).
-
-        A session still connected to one goes on: closing a server stops
-        only its listening socket.
-        """
-        used = {_sink_key(item, plan.config) for item in plan.config.upstreams}
-        for key in [key for key in self.sinks if key not in used]:
-            self.sinks.pop(key).close()
-
     async def _target(
         self, upstream: UpstreamConfig, config: Config, previous: Target | None
     ) -> Target:
         if upstream.kind == "sink":
-            if self._closed:
-                raise OSError("the relay is stopping")
             folder = upstream.path or "mail"
-            key = _sink_key(upstream, config)
+            key = (upstream.name, folder)
             server = self.sinks.get(key)
             if server is None:
+                self._check_open()
                 server = await start_sink("127.0.0.1", 0, folder, config.hostname)
+                self._check_open(server)  # the relay may have stopped meanwhile
                 self.sinks[key] = server
                 log.info(
                     "upstream %s is the embedded sink on 127.0.0.1:%s writing to %s",
@@ -168,14 +160,16 @@ class Planner:
             xforward=upstream.xforward,
         )
 
+    def _check_open(self, started: asyncio.Server | None = None) -> None:
+        """Raise OSError once the relay is stopping; close ``started`` then."""
+        if self._closed:
+            if started is not None:
+                started.close()
+            raise OSError("the relay is stopping")
+
     def close(self) -> None:
         """Close every sink started; plans made afterwards start none."""
         self._closed = True
         for server in self.sinks.values():
             server.close()
         self.sinks.clear()
-
-
-def _sink_key(upstream: UpstreamConfig, config: Config) -> tuple[str, str, str]:
-    """What a sink is started with: the upstream's name, its folder, the hostname."""
-    return upstream.name, upstream.path or "mail", config.hostname

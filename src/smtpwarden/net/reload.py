@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from smtpwarden.config import Config, ConfigError
 from smtpwarden.configreload import changed_sections, restart_changes
-from smtpwarden.configtls import ListenerTls
-from smtpwarden.net.tls import reload as reload_certificate
+from smtpwarden.net.tls import server_context
 
 if TYPE_CHECKING:
     from smtpwarden.net.server import Relay
@@ -107,47 +105,41 @@ class Reloads:
         """Plan ``config`` and serve new sessions with it; False (logged) if it fails.
 
         ``again``: the running configuration, applied again after a refusal:
-        whatever fails, the log is reopened and the certificates the plan
-        does not hold are reloaded.
+        the log is reopened and the certificates of native listeners taken
+        first, whatever fails afterwards.
         """
         relay = self._relay
         planner = relay.planner
         if planner is None:  # not started: nothing to reload
             return False
+        if again:
+            self._reopen(config)
+            self._reload_native(config)
         kept = {
-            name: ctx.tls_context
+            name: (ctx.tls_context, ctx.listener.tls)
             for name, (ctx, _) in relay.serving.items()
-            if ctx.tls_context is not None and name not in relay.native
+            if ctx.tls_context is not None and ctx.listener.tls is not None
+            if name not in relay.native
         }
-        plan = None
         try:
             plan = await planner.plan(config, kept=kept, targets=relay.targets)
         except OSError as error:
             what = "TLS files not reloaded" if again else "configuration not reloaded"
             log.error("%s, %s: %s", what, KEPT, error)
-            if not again:
-                return False
+            return False
         if relay.stopping:
             return False
-        path = config.log.transactions
-        try:
-            relay.records.reopen(path, sessions=config.log.sessions)
-        except OSError as error:
-            log.error("transaction log %s cannot be opened: %s", path, error)
-            if not again:
-                log.error("configuration not reloaded, %s", KEPT)
-                return False
-        by_name = {listener.name: listener for listener in config.listeners}
-        for name, context in relay.native.items():
-            self._reload_native(name, context, by_name[name].tls)
-        if plan is None:
+        if not again and not self._reopen(config):
+            log.error("configuration not reloaded, %s", KEPT)
             return False
         before = relay.config
         relay.install(plan)
+        if not again:
+            self._reload_native(config)
         if config.log.level != before.log.level:
             logging.getLogger().setLevel(config.log.level.upper())
         for name, context in plan.tls.items():
-            if context is not kept.get(name):
+            if name not in kept or context is not kept[name][0]:
                 log.info("listener %s: certificate reloaded", name)
         if not again:
             changed = changed_sections(before, config)
@@ -156,27 +148,44 @@ class Reloads:
                 config.source,
                 "changed " + ", ".join(changed) if changed else "no setting changed",
             )
-            gone = {route.name for route in before.routes} - {r.name for r in config.routes}
-            if relay.spool is not None and gone:
-                log.warning(
-                    "routes %s are gone: messages they spooled wait for a route of that "
-                    "name (until spool.max_age)",
-                    ", ".join(sorted(gone)),
-                )
+            self._warn_of_gone_routes(before, config)
         return True
 
-    @staticmethod
-    def _reload_native(name: str, context: ssl.SSLContext, tls: ListenerTls | None) -> None:
-        """Load a native listener's certificate again into the context it serves with."""
-        if tls is None:  # a native listener keeps its TLS (configreload)
-            return
+    def _reopen(self, config: Config) -> bool:
+        """Open the transaction log again at ``config``'s name; False (logged) if it fails."""
+        path = config.log.transactions
         try:
-            reload_certificate(context, tls)
+            self._relay.records.reopen(path, sessions=config.log.sessions)
         except OSError as error:
-            log.error(
-                "listener %s: certificate not reloaded, the one loaded before is kept: %s",
-                name,
-                error,
+            log.error("transaction log %s cannot be opened: %s", path, error)
+            return False
+        return True
+
+    def _reload_native(self, config: Config) -> None:
+        """Native listeners: new handshakes get ``config``'s certificate, read again."""
+        relay = self._relay
+        for listener in config.listeners:
+            switchable = relay.native.get(listener.name)
+            if switchable is None or listener.tls is None:
+                continue
+            try:
+                switchable.current = server_context(listener.tls)
+            except OSError as error:
+                log.error(
+                    "listener %s: certificate not reloaded, the one loaded before is kept: %s",
+                    listener.name,
+                    error,
+                )
+            else:
+                log.info("listener %s: certificate reloaded", listener.name)
+
+    def _warn_of_gone_routes(self, before: Config, after: Config) -> None:
+        """Requeue routes gone while the spool is open: what they spooled waits."""
+        names = {route.name for route in after.routes}
+        gone = [r.name for r in before.routes if r.policy == "requeue" and r.name not in names]
+        if self._relay.spool is not None and gone:
+            log.warning(
+                "requeue routes %s are gone: messages they spooled wait for a route of "
+                "that name (until spool.max_age)",
+                ", ".join(gone),
             )
-        else:
-            log.info("listener %s: certificate reloaded", name)

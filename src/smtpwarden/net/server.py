@@ -33,10 +33,10 @@ import itertools
 import logging
 import secrets
 import signal
-import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping
+from types import EllipsisType
 
 from smtpwarden.config import Config, ListenerConfig, RouteConfig, route_for
 from smtpwarden.configreload import native_tls, spool_opened
@@ -55,7 +55,7 @@ from smtpwarden.net.secure import OPENING_TIMEOUT_S
 from smtpwarden.net.session import Session
 from smtpwarden.net.spooler import QueueRunner
 from smtpwarden.net.telemetry import Telemetry
-from smtpwarden.net.tls import server_context
+from smtpwarden.net.tls import Switchable
 from smtpwarden.net.upstream import Health, Target
 from smtpwarden.observe.metrics import RelayMetrics
 from smtpwarden.observe.txlog import RecordLog
@@ -77,6 +77,8 @@ class Relay:
     ``load`` reads the configuration again for a reload (SIGHUP): the file
     it came from. Without it a reload takes the running configuration
     again, which still reloads certificates and reopens the log.
+    ``spool_path``: the spool to open and deliver, None for none; by
+    default the one the configuration needs (a requeue route).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class Relay:
         reuse_port: bool = False,
         recover_spool: bool = True,
         load: Callable[[], Config] | None = None,
+        spool_path: str | EllipsisType | None = ...,
     ) -> None:
         self.config = config
         # A worker shares its ports with the other workers, and must not
@@ -99,13 +102,16 @@ class Relay:
         self.servers: dict[str, asyncio.Server] = {}
         # What each listener's new sessions get; a reload replaces it.
         self.serving: dict[str, tuple[ListenerContext, Upstream]] = {}
-        # Listeners whose handshake the event loop does: their one context.
-        self.native: dict[str, ssl.SSLContext] = {}
+        # Listeners whose handshake the event loop does: their one listening
+        # context, which hands each handshake to the current one.
+        self.native: dict[str, Switchable] = {}
         self.targets: Mapping[str, Target] = {}
         self.planner: Planner | None = None
         self.reloads = Reloads(self, load)
         self.spool: Spool | None = None
-        self.spool_path: str | None = None  # the spool opened at start
+        # The spool opened at start, for the life of the process: by default
+        # the one the configuration's requeue routes need; a worker is told.
+        self.spool_path = spool_opened(config) if spool_path is ... else spool_path
         self.runner: QueueRunner | None = None
         self._runner: asyncio.Task[None] | None = None
         self.health = Health(config.health)
@@ -153,20 +159,20 @@ class Relay:
         plan = await self.planner.plan(config)
         for listener in config.listeners:
             if listener.tls is not None and native_tls(listener):
-                self.native[listener.name] = server_context(listener.tls)
-        self.spool_path = spool_opened(config)
+                self.native[listener.name] = Switchable(listener.tls)
         if self.spool_path is not None:
             self.spool = Spool(self.spool_path)
             if self.recover_spool:
                 report = self.spool.recover()
-                log.info("spool %s: %s", config.spool.path, report.summary())
+                log.info("spool %s: %s", self.spool_path, report.summary())
         # Before the listeners: their log lines say the relay is up.
         self.install(plan)
         await self._start_telemetry()
         for listener in config.listeners:
             # An implicit-TLS listener lets the event loop do the handshake
             # before the session starts, unless a PROXY header comes first.
-            native = self.native.get(listener.name)
+            switchable = self.native.get(listener.name)
+            native = None if switchable is None else switchable.front
             self.servers[listener.name] = await loop.create_server(
                 functools.partial(self._accept, listener.name),
                 listener.host,
@@ -207,58 +213,68 @@ class Relay:
     def install(self, plan: Plan) -> None:
         """Serve new sessions with ``plan``; live sessions keep what they have.
 
-        Nothing here can fail: whatever could was built into the plan.
+        Nothing here should fail: whatever could was built into the plan. The
+        new listener contexts are built before anything is replaced.
         """
-        config = self.config = plan.config
+        config = plan.config
+        self.recording.configure(config)  # the captures the contexts take
+        replies = LocalReplies.for_host(config.hostname)
+        serving = {}
+        for listener in config.listeners:
+            ctx = self._context(plan, listener, replies)
+            serving[listener.name] = (ctx, ctx.upstream_record)
+        self.config = config
+        self.serving.update(serving)
         self.admission.configure(config.limits)
         self.health.configure(config.health)
         for name, target in plan.targets.items():
             if name in self.targets and self.targets[name] != target:
                 self.health.forget(name)  # another address: what was known no longer holds
+        if self.checker is not None and plan.checker is not None:
+            plan.checker.carry_from(self.checker)
         self.targets = plan.targets
-        self.recording.configure(config)
-        replies = LocalReplies.for_host(config.hostname)
-        for listener in config.listeners:
-            routes = _route_table(config, listener.name, plan.targets)
-            tls_context = self.native.get(listener.name) or plan.tls.get(listener.name)
-            plain, encrypted = _policies(config, listener, tls_context is not None)
-            ctx = ListenerContext(
-                name=listener.name,
-                listener=listener,
-                tls_context=tls_context,
-                admission=self.admission,
-                policy_plain=plain,
-                policy_tls=encrypted,
-                target=routes.default.targets[0],
-                routes=routes,
-                spool=self.spool,
-                health=self.health,
-                config=config,
-                records=self.records,
-                sessions=self.sessions,
-                replies=replies,
-                epoch_offset=self._epoch_offset,
-                next_id=self._next_id,
-                on_end=self._session_ended,
-                capture=self.recording.listeners[listener.name],
-                shutdown=self._shutdown,
-                metrics=self.metrics,
-            )
-            self.serving[listener.name] = (ctx, ctx.upstream_record)
         if self._checker is not None:
             self._checker.cancel()
             self._checker = None
-        if self.checker is not None and plan.checker is not None:
-            plan.checker.carry_from(self.checker)
         self.checker = plan.checker
-        if self.planner is not None:
-            self.planner.retain(plan)
         if plan.checker is not None:
             self._checker = asyncio.get_running_loop().create_task(plan.checker.run())
         if self.runner is not None:
             self.runner.configure(targets=plan.route_targets(), config=config)
         if self.telemetry is not None:
             self.telemetry.configure(config)
+
+    def _context(
+        self, plan: Plan, listener: ListenerConfig, replies: LocalReplies
+    ) -> ListenerContext:
+        """What the new sessions of ``listener`` share under ``plan``."""
+        config = plan.config
+        routes = _route_table(config, listener.name, plan.targets)
+        switchable = self.native.get(listener.name)
+        tls_context = plan.tls.get(listener.name) if switchable is None else switchable.front
+        plain, encrypted = _policies(config, listener, tls_context is not None)
+        return ListenerContext(
+            name=listener.name,
+            listener=listener,
+            tls_context=tls_context,
+            admission=self.admission,
+            policy_plain=plain,
+            policy_tls=encrypted,
+            target=routes.default.targets[0],
+            routes=routes,
+            spool=self.spool,
+            health=self.health,
+            config=config,
+            records=self.records,
+            sessions=self.sessions,
+            replies=replies,
+            epoch_offset=self._epoch_offset,
+            next_id=self._next_id,
+            on_end=self._session_ended,
+            capture=self.recording.listeners[listener.name],
+            shutdown=self._shutdown,
+            metrics=self.metrics,
+        )
 
     async def _start_telemetry(self) -> None:
         """Start the HTTP endpoint, as configured."""
@@ -382,13 +398,15 @@ def run_relay(
     worker: bool = False,
     ready: Callable[[Relay], None] | None = None,
     load: Callable[[], Config] | None = None,
+    spool_path: str | EllipsisType | None = ...,
 ) -> int:
     """Run the relay until a signal stops it; return the exit code.
 
     ``worker``: one of several relay processes (``net.worker``): listeners
     bind with SO_REUSEPORT and the spool is not recovered. ``ready`` is
     called on the event loop once the listeners are up and the signals
-    handled. ``load`` reads the configuration again on SIGHUP (``Relay``).
+    handled. ``load`` reads the configuration again on SIGHUP, and
+    ``spool_path`` is the spool to open (``Relay``).
     """
     logging.basicConfig(
         level=config.log.level.upper(),
@@ -400,7 +418,13 @@ def run_relay(
         # Linux's SO_REUSEPORT spreads connections over the processes bound
         # to a port; elsewhere the option means something else.
         reuse_port = worker or (config.reuse_port and sys.platform.startswith("linux"))
-        relay = Relay(config, reuse_port=reuse_port, recover_spool=not worker, load=load)
+        relay = Relay(
+            config,
+            reuse_port=reuse_port,
+            recover_spool=not worker,
+            load=load,
+            spool_path=spool_path,
+        )
         loop = asyncio.get_running_loop()
         # Before the listeners log that they are up: SIGHUP's default action
         # would end the process. A reload asked for during the start waits

@@ -3,7 +3,8 @@
 Towards upstreams: ``client_context`` (built once per upstream and shared by
 its connections), ``server_name`` (SNI and the name checked) and
 ``starttls_policy`` (what ``protocol.preamble`` is told). Towards clients:
-``server_context``, and ``reload`` to take a renewed certificate on SIGHUP.
+``server_context``, and ``Switchable`` for a listener whose handshakes the
+event loop does, to take a renewed certificate on SIGHUP.
 ``describe`` says what a connection negotiated, for the logs.
 
 For the streams client (``net.delivery``): ``open_stream`` opens the
@@ -132,18 +133,29 @@ def server_context(tls: ListenerTls) -> ssl.SSLContext:
     return context
 
 
-def reload(context: ssl.SSLContext, tls: ListenerTls) -> None:
-    """Load ``tls``'s (possibly renewed) certificate and key into ``context``.
+class Switchable:
+    """A listening context whose handshakes use whichever context is current.
 
-    The same context object: handshakes that start afterwards use the new
-    pair, while live sessions keep theirs, as each connection takes its own
-    copy when it starts. The pair is first loaded into a scratch context, so
-    a missing file or a key that does not match raises (OSError,
-    ssl.SSLError) with ``context`` unchanged. The other settings are not
-    reloaded.
+    For a listener whose handshakes the event loop does: the server keeps the
+    context it was started with (``front``), and a reload cannot replace it.
+    Its SNI callback, which OpenSSL calls for every ClientHello, SNI or not,
+    hands each new handshake to ``current`` instead: a renewed certificate,
+    of any key type, replaces the old one, where loading it into the same
+    context would add it beside the old one. Live sessions keep theirs.
     """
-    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.certificate, tls.key)
-    context.load_cert_chain(tls.certificate, tls.key)
+
+    __slots__ = ("current", "front")
+
+    def __init__(self, tls: ListenerTls) -> None:
+        self.front = server_context(tls)
+        self.current = self.front
+        self.front.sni_callback = self._choose
+
+    def _choose(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, name: str | None, context: ssl.SSLContext
+    ) -> None:
+        if self.current is not context:
+            connection.context = self.current
 
 
 def server_name(target: Target, tls: UpstreamTls) -> str:

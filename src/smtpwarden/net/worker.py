@@ -10,7 +10,11 @@ writes one line on its standard input, a JSON object (``WorkerBrief``):
 - ``event_loop``: ``run --event-loop``, or null;
 - ``ports``: each listener's port, as the supervisor reserved it (a
   listener's port 0 becomes the one port all workers share);
-- ``status_fd``: the descriptor of the pipe the worker reports on.
+- ``status_fd``: the descriptor of the pipe the worker reports on;
+- ``spool``: the path of the spool the supervisor recovered at its start,
+  or null: the worker opens that one and delivers it, whatever routes the
+  document it is handed has (a reload may have removed every requeue route
+  since, and put one back later).
 
 The worker then runs a relay like ``smtpwarden run`` does, except that its
 listeners bind with SO_REUSEPORT beside the other workers', it never
@@ -83,6 +87,7 @@ class WorkerBrief:
     event_loop: EventLoop | None
     ports: dict[str, int]
     status_fd: int
+    spool: str | None = None
 
     def encode(self) -> bytes:
         """The brief as the one line the worker reads; raises ValueError or TypeError
@@ -102,6 +107,7 @@ class WorkerBrief:
             raise ConfigError(WORKER_SOURCE, ["expected a JSON object"])
         index, source, loop = raw.get("index"), raw.get("source"), raw.get("event_loop")
         ports, status = raw.get("ports"), raw.get("status_fd")
+        spool = raw.get("spool")
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             problems.append("index: expected an integer >= 0")
         if not isinstance(source, str):
@@ -115,6 +121,8 @@ class WorkerBrief:
             problems.append("ports: expected a mapping of listener names to ports 1-65535")
         if not isinstance(status, int) or isinstance(status, bool) or status < 0:
             problems.append("status_fd: expected a file descriptor")
+        if spool is not None and not isinstance(spool, str):
+            problems.append("spool: expected a path or null")
         if "config" not in raw:
             problems.append("config: missing")
         if problems:
@@ -126,6 +134,7 @@ class WorkerBrief:
             event_loop=cast("EventLoop | None", loop),
             ports=cast(dict[str, int], ports),
             status_fd=cast(int, status),
+            spool=cast("str | None", spool),
         )
 
 
@@ -207,7 +216,7 @@ def run_worker(stdin: BinaryIO | None = None) -> int:
         watch = _watch_supervisor(input_fd, relay, brief)
         watching.append(asyncio.get_running_loop().create_task(watch))
 
-    return run_relay(config, worker=True, ready=ready)
+    return run_relay(config, worker=True, ready=ready, spool_path=brief.spool)
 
 
 def _report_ready(status_fd: int, relay: Relay) -> None:

@@ -237,6 +237,7 @@ class Supervisor:
             event_loop=self.event_loop,
             ports=dict(self.reservation.ports),
             status_fd=write_fd,
+            spool=self.spool_path,
         )
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(self._await_ready(slot, status))]
@@ -355,7 +356,12 @@ class Supervisor:
 
     def _on_hangup(self) -> None:
         self.hangups += 1
-        self.last_accepted = self._reread()
+        try:
+            self.last_accepted = self._reread()
+        except Exception:
+            # The workers must still be told: their logs are to be reopened.
+            log.exception("configuration not reloaded, the running one is kept")
+            self.last_accepted = False
         line = reload_line(self.document, accepted=self.last_accepted)
         ready = [slot for slot in self.slots if slot.ready and slot.process is not None]
         log.info("SIGHUP: passed on to %d ready workers", len(ready))
@@ -396,7 +402,7 @@ class Supervisor:
             shown = "\n  ".join(["these settings change only with a restart:", *problems])
             log.error("%s: %s", kept, shown)
             return False
-        changed = changed_sections(self.config, config)
+        changed = changed_sections(self._as_run(self.config), self._as_run(config))
         if config.log.level != self.config.log.level:
             logging.getLogger().setLevel(config.log.level.upper())
         self.config, self.document = config, carried
