@@ -1,10 +1,12 @@
-"""Soak run: the relay under load, upstream faults and SIGKILLs, for a bounded time.
+"""Soak run: the relay under load, upstream faults, SIGKILLs and reloads, for a bounded time.
 
 soakupstream.py holds the fault-injecting upstream (faults, counting rules),
 soakload.py the client sessions. The relay, ``python -m smtpwarden run`` from
 this checkout with a generated requeue configuration, is SIGKILLed about every
 --kill-every seconds and started again on the same port and spool (ready when
-/readyz answers); one that exits by itself has crashed. Lost: acknowledged,
+/readyz answers); one that exits by itself has crashed. About every
+--hup-every seconds its file changes (replays, spool workers, size limit,
+hostname) and it gets SIGHUP; a reload refused fails the run. Lost: acknowledged,
 never delivered; must be 0. At the end the load stops, the spool drains (at
 most --drain-timeout), the relay gets SIGTERM, and the report has a time
 series of its RSS and descriptors (/proc) and of the spool. A stall (an
@@ -130,8 +132,9 @@ class Relay:
         self.lives: list[dict[str, Any]] = []  # one per process started
         self.ends: list[float] = []  # when each kill or crash happened (monotonic)
         self.kills, self.crashes, self.stalls = 0, list[str](), list[dict[str, Any]]()
+        self.hups = 0  # SIGHUPs sent, each with the file changed
         backoff = {"initial": 1, "factor": 2, "maximum": 8, "jitter": 0.2}
-        settings = {
+        self.settings: dict[str, Any] = {
             "event_loop": event_loop,
             "hostname": "relay.soak",
             "listeners": [{"name": "soak", "host": HOST, "port": self.port, "upstream": "up"}],
@@ -146,7 +149,25 @@ class Relay:
             "shutdown": {"grace": 10, "fast": 2},
             "transcripts": {"path": str(folder / "transcripts")},
         }
-        self.config.write_text(json.dumps(settings, indent=1), encoding="utf-8")  # JSON is YAML
+        self.write_config()
+
+    def write_config(self) -> None:
+        self.config.write_text(
+            json.dumps(self.settings, indent=1), encoding="utf-8"
+        )  # JSON is YAML
+
+    def hup(self) -> None:
+        """Change the file (replays, spool workers, size limit, hostname) and send SIGHUP."""
+        assert self.process is not None
+        flip = self.hups % 2 == 0
+        self.settings["retry"]["attempts"] = 1 if flip else 2
+        self.settings["spool"]["workers"] = 2 if flip else 4
+        self.settings["limits"] = {"max_message_bytes": 20_480_000 if flip else 10_240_000}
+        self.settings["hostname"] = "relay2.soak" if flip else "relay.soak"
+        self.write_config()
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGHUP)
+        self.hups += 1
 
     def running(self) -> bool:
         return self.process is not None and self.process.returncode is None
@@ -238,6 +259,23 @@ async def supervise(relay: Relay, args: argparse.Namespace, stop: asyncio.Event)
             await relay.kill()
         await asyncio.sleep(rng.uniform(0, args.down_max))
         await relay.start()
+
+
+async def reload_loop(relay: Relay, args: argparse.Namespace, stop: asyncio.Event) -> None:
+    """Change the file and send SIGHUP at random moments, while the relay is up and ready."""
+    rng = random.Random(args.seed + 2)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), rng.uniform(2 / 3, 4 / 3) * args.hup_every)
+        ready = relay.lives and relay.lives[-1]["ready_after_s"] is not None
+        if not stop.is_set() and relay.running() and ready:
+            relay.hup()
+
+
+def count_lines(path: Path, text: str) -> int:
+    with contextlib.suppress(OSError), path.open(encoding="utf-8", errors="replace") as lines:
+        return sum(text in line for line in lines)
+    return 0
 
 
 async def sample_loop(
@@ -358,6 +396,9 @@ def summarise(
         "suspect duplicate ids": [i for i, why in reasons.items() if why not in OK][:100],
         "cut after dot, delivered later": len(up.cut & delivered.keys()),
         "kills": relay.kills,
+        "reloads asked (SIGHUP, file changed)": relay.hups,
+        "reloads applied": count_lines(relay.log, "configuration reloaded from"),
+        "reloads refused": count_lines(relay.log, "configuration not reloaded"),
         "crashes": relay.crashes,
         "stalls (no progress, relay up)": relay.stalls,
         "faults injected": dict(up.faults),
@@ -410,11 +451,14 @@ async def soak(args: argparse.Namespace, folder: Path) -> tuple[int, dict[str, A
         ledger = Ledger(args, relay.began + seconds)
         print(f"soak: {args.minutes:g} min, {args.sessions} sessions, seed {args.seed}")
         print(f"kills every ~{args.kill_every:g} s, refusals every ~{args.refuse_every:g} s")
+        print(f"reloads (SIGHUP, file changed) every ~{args.hup_every:g} s")
         await relay.start()
         sampling = sample_loop(relay, up, ledger, args.sample_every, series)
         supervising = asyncio.ensure_future(supervise(relay, args, stop))
         loading = asyncio.ensure_future(load(relay.port, ledger, args))
         tasks += [asyncio.ensure_future(sampling), supervising, loading]
+        if args.hup_every > 0:
+            tasks.append(asyncio.ensure_future(reload_loop(relay, args, stop)))
         ending = asyncio.FIRST_COMPLETED
         await asyncio.wait({loading, supervising}, timeout=seconds + 5, return_when=ending)
         ledger.stopped = True
@@ -446,7 +490,7 @@ async def soak(args: argparse.Namespace, folder: Path) -> tuple[int, dict[str, A
     report |= {"summary": summary}
     report |= {"relay_lives": relay.lives, "timeseries": series}
     failed = summary["lost"] or relay.crashes or relay.stalls or trouble or drained is None
-    failed = failed or exit_code != 0
+    failed = failed or exit_code != 0 or summary["reloads refused"] > 0
     return (1 if failed else 0), report
 
 
@@ -460,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--sessions", type=int, default=20, help="concurrent client sessions (default 20)")
     add("--kill-every", type=float, default=45.0, help="mean s between SIGKILLs (0: none)")
     add("--down-max", type=float, default=2.0, help="longest s the relay stays down after a kill")
+    add("--hup-every", type=float, default=10.0, help="mean s between reloads (0: none)")
     add("--sample-every", type=float, default=10.0, help="s between samples (default 10)")
     add("--drain-timeout", type=float, default=180.0, help="longest wait for the spool, s")
     add("--max-messages", type=int, default=2_000_000, help="unique ids at most")
