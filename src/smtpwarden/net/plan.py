@@ -18,6 +18,10 @@ as the reload comes), an upstream or listener whose settings did not change
 keeps the context it has, and the failure is logged; only a new setting
 that cannot be built fails the plan.
 
+``route_table`` and ``policies`` say what a listener's sessions follow and
+offer under a configuration; the relay builds each listener's context from
+them.
+
 Rule: a plan opens no listener and changes no state of the relay; the sinks
 it starts are kept by the planner, one per upstream name and folder, until
 the relay stops (a session or a replay from before a reload may still use
@@ -32,14 +36,17 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from smtpwarden.config import Config, UpstreamConfig
+from smtpwarden.config import Config, ListenerConfig, RouteConfig, UpstreamConfig, route_for
 from smtpwarden.configreload import native_tls
+from smtpwarden.configroutes import domain_routes
 from smtpwarden.configtls import ListenerTls
 from smtpwarden.net.healthcheck import HealthChecker
+from smtpwarden.net.routing import Route, RouteTable
 from smtpwarden.net.sink import start_sink
 from smtpwarden.net.tls import client_context, server_context
 from smtpwarden.net.upstream import Health, Target
 from smtpwarden.observe.metrics import RelayMetrics
+from smtpwarden.protocol.extensions import ExtensionPolicy
 
 log = logging.getLogger("smtpwarden")
 
@@ -173,3 +180,39 @@ class Planner:
         for server in self.sinks.values():
             server.close()
         self.sinks.clear()
+
+
+def route_table(config: Config, listener: str, targets: Mapping[str, Target]) -> RouteTable:
+    """The routes a listener's sessions follow, with their upstreams resolved."""
+
+    def resolve(route: RouteConfig) -> Route:
+        # Retry without replays holds messages for nothing: passthrough
+        # relays the upstream's own failure instead of a 4xx of ours.
+        no_replays = route.policy == "retry" and config.retry.attempts == 0
+        return Route(
+            name=route.name,
+            policy="passthrough" if no_replays else route.policy,
+            targets=tuple(targets[name] for name in route.upstreams),
+        )
+
+    by_domain = [
+        (resolve(route), route.recipient_domains)
+        for route in domain_routes(config.routes, listener)
+    ]
+    return RouteTable(resolve(route_for(config, listener)), by_domain)
+
+
+def policies(
+    config: Config, listener: ListenerConfig, tls: bool
+) -> tuple[ExtensionPolicy, ExtensionPolicy]:
+    """What EHLO offers a listener's clients before TLS and once encrypted."""
+    starttls = tls and listener.tls is not None and listener.tls.mode == "starttls"
+    auth = listener.auth
+    mechanisms = () if auth is None else auth.mechanisms
+    size = config.limits.max_message_bytes
+    plain = ExtensionPolicy(
+        starttls=starttls,
+        auth=() if auth is None or auth.require_tls else mechanisms,
+        max_size=size,
+    )
+    return plain, ExtensionPolicy(auth=mechanisms, max_size=size)

@@ -66,21 +66,33 @@ class Reloads:
             if relay.stopping:
                 log.info("shutting down: configuration not reloaded")
                 return False
-            try:
-                new = None if refused else self._read(config)
-                applied = new is not None and await self._apply(new, again=False)
-            except Exception:
-                # A bug here must not leave the relay without its log reopened.
-                log.exception("configuration not reloaded, %s", KEPT)
-                applied = False
-            if not applied and not relay.stopping:
-                try:
-                    await self._apply(relay.config, again=True)
-                except Exception:
-                    log.exception("the running configuration could not be applied again")
-            if relay.metrics is not None:
-                relay.metrics.reloaded(applied)
+            relay.notifier.reloading()
+            applied = await self._reload(config, refused=refused)
+            if not relay.stopping:  # a stop begun meanwhile has said STOPPING
+                relay.notifier.ready(
+                    "running; configuration reloaded"
+                    if applied
+                    else "running; the last reload was refused, see the log"
+                )
             return applied
+
+    async def _reload(self, config: Config | None, *, refused: bool) -> bool:
+        relay = self._relay
+        try:
+            new = None if refused else self._read(config)
+            applied = new is not None and await self._apply(new, again=False)
+        except Exception:
+            # A bug here must not leave the relay without its log reopened.
+            log.exception("configuration not reloaded, %s", KEPT)
+            applied = False
+        if not applied and not relay.stopping:
+            try:
+                await self._apply(relay.config, again=True)
+            except Exception:
+                log.exception("the running configuration could not be applied again")
+        if relay.metrics is not None:
+            relay.metrics.reloaded(applied)
+        return applied
 
     def _read(self, config: Config | None) -> Config | None:
         """The configuration to apply, or None (logged) when it is refused."""

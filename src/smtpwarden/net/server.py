@@ -38,19 +38,18 @@ import time
 from collections.abc import Callable, Mapping
 from types import EllipsisType
 
-from smtpwarden.config import Config, ListenerConfig, RouteConfig, route_for
+from smtpwarden.config import Config, ListenerConfig
 from smtpwarden.configreload import native_tls, spool_opened
-from smtpwarden.configroutes import domain_routes
 from smtpwarden.net.admission import Admission
 from smtpwarden.net.context import Draining, ListenerContext
 from smtpwarden.net.ending import LINGER_S
 from smtpwarden.net.healthcheck import HealthChecker
 from smtpwarden.net.loop import loop_factory
-from smtpwarden.net.plan import Plan, Planner
+from smtpwarden.net.notify import Notifier
+from smtpwarden.net.plan import Plan, Planner, policies, route_table
 from smtpwarden.net.recording import Recording
 from smtpwarden.net.reload import Reloads
 from smtpwarden.net.replies import LocalReplies
-from smtpwarden.net.routing import Route, RouteTable
 from smtpwarden.net.secure import OPENING_TIMEOUT_S
 from smtpwarden.net.session import Session
 from smtpwarden.net.spooler import QueueRunner
@@ -59,7 +58,6 @@ from smtpwarden.net.tls import Switchable
 from smtpwarden.net.upstream import Health, Target
 from smtpwarden.observe.metrics import RelayMetrics
 from smtpwarden.observe.txlog import RecordLog
-from smtpwarden.protocol.extensions import ExtensionPolicy
 from smtpwarden.protocol.records import Upstream
 from smtpwarden.spool.store import Spool
 
@@ -108,6 +106,7 @@ class Relay:
         self.targets: Mapping[str, Target] = {}
         self.planner: Planner | None = None
         self.reloads = Reloads(self, load)
+        self.notifier = Notifier()  # the service manager, under systemd's Type=notify
         self.spool: Spool | None = None
         # The spool opened at start, for the life of the process: by default
         # the one the configuration's requeue routes need; a worker is told.
@@ -249,10 +248,10 @@ class Relay:
     ) -> ListenerContext:
         """What the new sessions of ``listener`` share under ``plan``."""
         config = plan.config
-        routes = _route_table(config, listener.name, plan.targets)
+        routes = route_table(config, listener.name, plan.targets)
         switchable = self.native.get(listener.name)
         tls_context = plan.tls.get(listener.name) if switchable is None else switchable.front
-        plain, encrypted = _policies(config, listener, tls_context is not None)
+        plain, encrypted = policies(config, listener, tls_context is not None)
         return ListenerContext(
             name=listener.name,
             listener=listener,
@@ -369,6 +368,7 @@ class Relay:
                 session.force_close()
             return
         log.info("shutting down, %.1f s grace", grace)
+        self.notifier.stopping()
         self._stopping = asyncio.get_running_loop().create_task(self.stop(grace))
 
     def _open_sessions(self) -> bool:
@@ -436,6 +436,8 @@ def run_relay(
             log.error("cannot start: %s", error)
             return 1
         log.info("smtpwarden running on %s", loop_name)
+        if not worker:
+            relay.notifier.ready(f"running on {loop_name}")
 
         def stop(fast: bool) -> None:
             # The grace in force when the signal comes: a reload may change it.
@@ -459,39 +461,3 @@ def run_relay(
 
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main())
-
-
-def _route_table(config: Config, listener: str, targets: Mapping[str, Target]) -> RouteTable:
-    """The routes a listener's sessions follow, with their upstreams resolved."""
-
-    def resolve(route: RouteConfig) -> Route:
-        # Retry without replays holds messages for nothing: passthrough
-        # relays the upstream's own failure instead of a 4xx of ours.
-        no_replays = route.policy == "retry" and config.retry.attempts == 0
-        return Route(
-            name=route.name,
-            policy="passthrough" if no_replays else route.policy,
-            targets=tuple(targets[name] for name in route.upstreams),
-        )
-
-    by_domain = [
-        (resolve(route), route.recipient_domains)
-        for route in domain_routes(config.routes, listener)
-    ]
-    return RouteTable(resolve(route_for(config, listener)), by_domain)
-
-
-def _policies(
-    config: Config, listener: ListenerConfig, tls: bool
-) -> tuple[ExtensionPolicy, ExtensionPolicy]:
-    """What EHLO offers a listener's clients before TLS and once encrypted."""
-    starttls = tls and listener.tls is not None and listener.tls.mode == "starttls"
-    auth = listener.auth
-    mechanisms = () if auth is None else auth.mechanisms
-    size = config.limits.max_message_bytes
-    plain = ExtensionPolicy(
-        starttls=starttls,
-        auth=() if auth is None or auth.require_tls else mechanisms,
-        max_size=size,
-    )
-    return plain, ExtensionPolicy(auth=mechanisms, max_size=size)

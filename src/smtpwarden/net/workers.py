@@ -64,6 +64,7 @@ from typing import BinaryIO, Final
 from smtpwarden.config import Config, ConfigError, Document, EventLoop, config_of, read_document
 from smtpwarden.configreload import changed_sections, restart_changes, spool_opened
 from smtpwarden.net.forwarding import LineForwarder
+from smtpwarden.net.notify import Notifier, without_notify_socket
 from smtpwarden.net.reservation import Reservation
 from smtpwarden.net.worker import (
     STOP,
@@ -111,6 +112,7 @@ class Supervisor:
         self.generation = 0  # configurations accepted since the start
         self.hangups = 0  # SIGHUPs since the start
         self.last_accepted = True  # whether the last SIGHUP's file was
+        self.notifier = Notifier()  # the service manager, under systemd's Type=notify
         self.slots = [WorkerSlot(index) for index in range(config.workers)]
         self.reservation = Reservation()
         self.exit_code = EXIT_OK
@@ -220,6 +222,7 @@ class Supervisor:
                 stdout=asyncio.subprocess.PIPE,
                 pass_fds=(write_fd,),
                 start_new_session=True,
+                env=without_notify_socket(),  # only the supervisor speaks to systemd
             )
         except OSError as error:
             status.close()
@@ -288,6 +291,8 @@ class Supervisor:
         self._catch_up(slot)
         if all(other.ready for other in self.slots):
             log.info("smtpwarden running: %d workers ready", len(self.slots))
+            if not self.stopping:
+                self.notifier.ready(f"running: {len(self.slots)} workers ready")
         self._any_ready.set()
 
     def _overdue(self, slot: WorkerSlot, process: asyncio.subprocess.Process) -> None:
@@ -331,6 +336,7 @@ class Supervisor:
         self._kill_after(STOP_MARGIN_S)
 
     def _begin_stop(self, signum: int, grace: float) -> None:
+        self.notifier.stopping()
         self._stop_signal = signal.Signals(signum)
         self._stopped.set()
         self._stop_all(signum, f"{STOP} {grace}\n".encode())
@@ -355,6 +361,7 @@ class Supervisor:
                 _send(process, signum)
 
     def _on_hangup(self) -> None:
+        self.notifier.reloading()
         self.hangups += 1
         try:
             self.last_accepted = self._reread()
@@ -368,6 +375,11 @@ class Supervisor:
         for slot in ready:
             self._write(slot, line)
             slot.generation, slot.hangups = self.generation, self.hangups
+        if not self.stopping:
+            verdict = (
+                "reloaded" if self.last_accepted else "the last reload was refused, see the log"
+            )
+            self.notifier.ready(f"running: {verdict}")
 
     def _catch_up(self, slot: WorkerSlot) -> None:
         """A worker now ready missed reloads while it started: the last one, for it."""
