@@ -6,7 +6,9 @@ socket and waits for ``READY=1`` before it takes the service for started:
 listeners accept connections, not merely until the process exists. The
 relay, or the supervisor of ``workers``, says:
 
-- ``READY=1`` once every listener accepts connections (every worker ready);
+- ``READY=1`` once every listener accepts connections (under ``workers``,
+  once a worker is ready, as ``/readyz`` says, and again as each other
+  worker gets ready, with the count in its status line);
 - ``RELOADING=1`` with ``MONOTONIC_USEC`` when a reload (SIGHUP) begins, and
   ``READY=1`` when it has ended, applied or refused;
 - ``STOPPING=1`` when a stop begins;

@@ -291,8 +291,9 @@ class Supervisor:
         self._catch_up(slot)
         if all(other.ready for other in self.slots):
             log.info("smtpwarden running: %d workers ready", len(self.slots))
-            if not self.stopping:
-                self.notifier.ready(f"running: {len(self.slots)} workers ready")
+        if not self.stopping:  # serving from the first ready worker, as /readyz says
+            count = sum(other.ready for other in self.slots)
+            self.notifier.ready(f"running: {count} of {len(self.slots)} workers ready")
         self._any_ready.set()
 
     def _overdue(self, slot: WorkerSlot, process: asyncio.subprocess.Process) -> None:
